@@ -1,0 +1,38 @@
+# irn-ray: `make test` builds .venv from requirements.txt (when missing or stale) and runs the tests;
+# `make demo` labels the generated synthetic set end to end on local Ray.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
+export RAY_DATA_LOG_LEVEL ?= WARNING
+
+.PHONY: venv test test-fast demo benchmarks clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m jobs.make_synthetic --out demo_data --num-images 60 --seed 0
+	@if [ -f jobs/label.py ]; then $(PY) -m jobs.label --config configs/demo.yaml; \
+	else echo "demo: data set written to demo_data/; the end-to-end job (jobs.label) is not yet available"; fi
+
+benchmarks: $(STAMP)
+	$(PY) benchmarks/random_walk.py
+
+clean:
+	rm -rf runs demo_data .pytest_cache

@@ -1,0 +1,322 @@
+"""One typed configuration object for the whole run.
+
+Every knob of every stage lives in a dataclass below, with the paper's (and the official code's)
+values as defaults. A config is built from YAML (any fsspec URI) plus ``--set section.key=value``
+overrides; an unknown key or a value of the wrong type fails at once with a message that names the
+key and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type or an invalid value."""
+
+
+@dataclass
+class DataConfig:
+    """Input image set."""
+
+    manifest: str = ""  # Parquet / CSV / JSON Lines manifest URI (DESIGN §3)
+    classes: list[str] = field(default_factory=list)  # empty: sorted union of the manifest labels
+    max_pixels: int = 40_000_000  # larger images are quarantined (decompression-bomb guard)
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how reruns behave."""
+
+    root: str = "runs/default"  # run root, local path or s3://bucket/prefix
+    retrain: Literal["never", "always", "auto"] = "auto"
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    """How to reach Ray. ``address: local`` starts an embedded instance."""
+
+    address: str = "auto-local"  # "auto-local": RAY_ADDRESS if set, else an embedded local Ray
+    num_cpus: int | None = None  # only for an embedded instance
+    num_gpus: int | None = None
+
+
+@dataclass
+class TrainCamConfig:
+    """CAM network training (DESIGN §4 "CAM network")."""
+
+    depth: Literal[18, 34, 50, 101] = 50
+    backbone_init: str = "imagenet"  # imagenet | none | a weights file URI
+    batch_size: int = 16
+    epochs: int = 5
+    max_steps: int | None = None  # cap on optimiser steps (smoke tests); None = epochs decide
+    lr: float = 0.1  # backbone; the classifier gets 10x
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    resize_long: list[int] = field(default_factory=lambda: [320, 640])
+    crop_size: int = 512
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+
+
+@dataclass
+class CamsConfig:
+    """CAM inference (Eq. 1) on every image."""
+
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    batch_size: int = 1
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    keep_high_res: bool = False  # also persist full-resolution CAMs
+
+
+@dataclass
+class RelationsConfig:
+    """CRF refinement and relation mining (Sec. 4.2)."""
+
+    fg_threshold: float = 0.30
+    bg_threshold: float = 0.05
+    crf_gt_prob: float = 0.7
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 3.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 50.0
+    crf_bilateral_srgb: float = 5.0
+    crf_bilateral_compat: float = 10.0
+    cpus_per_task: float = 1.0
+
+
+@dataclass
+class TrainIrnConfig:
+    """IRNet training (DESIGN §4 "IRNet")."""
+
+    depth: Literal[18, 34, 50, 101] = 50
+    backbone_init: str = "cam"  # cam | imagenet | none | a weights file URI
+    batch_size: int = 32
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float = 0.1  # boundary branch; the displacement branch gets 10x
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    crop_size: int = 512
+    rescale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    radius: int = 10
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+
+
+@dataclass
+class SynthesisConfig:
+    """IRNet inference and label synthesis (Sec. 5)."""
+
+    method: Literal["irnet", "cam_boundary", "cam"] = "irnet"
+    beta: float = 10.0
+    steps: int = 256
+    radius: int = 5
+    sem_bg_threshold: float = 0.25
+    ins_bg_threshold: float = 0.25
+    centroid_iterations: int = 100
+    centroid_threshold: float = 2.5
+    min_fragment: float = 0.01
+    batch_size: int = 1
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation against ground truth, when the manifest has it."""
+
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7])
+    ablations: bool = True  # also score CAM-only and CAM + boundary (Tables 1-2)
+    num_previews: int = 8
+
+
+@dataclass
+class Config:
+    """The resolved configuration of one run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    train_cam: TrainCamConfig = field(default_factory=TrainCamConfig)
+    cams: CamsConfig = field(default_factory=CamsConfig)
+    relations: RelationsConfig = field(default_factory=RelationsConfig)
+    train_irn: TrainIrnConfig = field(default_factory=TrainIrnConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float etc.)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise ConfigError(f"{key}: must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(args[0])}, got {value!r} "
+                              f"(write it as [a, b, ...])")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.match(value):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML)")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: "
+                              f"{', '.join(sorted(prefix + k for k in fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    positive = {
+        "train_cam.batch_size": cfg.train_cam.batch_size, "train_cam.epochs": cfg.train_cam.epochs,
+        "train_cam.crop_size": cfg.train_cam.crop_size, "train_cam.num_workers": cfg.train_cam.num_workers,
+        "train_irn.batch_size": cfg.train_irn.batch_size, "train_irn.epochs": cfg.train_irn.epochs,
+        "train_irn.crop_size": cfg.train_irn.crop_size, "train_irn.num_workers": cfg.train_irn.num_workers,
+        "train_irn.radius": cfg.train_irn.radius, "synthesis.radius": cfg.synthesis.radius,
+        "synthesis.steps": cfg.synthesis.steps, "cams.num_actors": cfg.cams.num_actors,
+        "synthesis.num_actors": cfg.synthesis.num_actors, "data.max_pixels": cfg.data.max_pixels,
+        "cams.batch_size": cfg.cams.batch_size, "synthesis.batch_size": cfg.synthesis.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key, pair in (("train_cam.resize_long", cfg.train_cam.resize_long),
+                      ("train_irn.rescale", cfg.train_irn.rescale)):
+        if len(pair) != 2 or pair[0] <= 0 or pair[0] > pair[1]:
+            raise ConfigError(f"{key}: expected [low, high] with 0 < low <= high, got {pair}")
+    if not cfg.cams.scales or any(s <= 0 for s in cfg.cams.scales):
+        raise ConfigError(f"cams.scales: expected a non-empty list of positive scales, got {cfg.cams.scales}")
+    if len(set(cfg.data.classes)) != len(cfg.data.classes):
+        raise ConfigError(f"data.classes: class names must be unique, got {cfg.data.classes}")
+    for key, value in (("relations.fg_threshold", cfg.relations.fg_threshold),
+                       ("relations.bg_threshold", cfg.relations.bg_threshold),
+                       ("relations.crf_gt_prob", cfg.relations.crf_gt_prob),
+                       ("synthesis.min_fragment", cfg.synthesis.min_fragment)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if not cfg.run.root:
+        raise ConfigError("run.root: must name a directory or URI for the outputs")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train_cam.lr=0.01"`` -> (["train_cam", "lr"], 0.01); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+    """Build and validate a Config from plain values plus ``section.key=value`` overrides."""
+    merged = json.loads(json.dumps(values or {}))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    cfg = _build(Config, merged, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(uri: str | None = None, overrides: list[str] = ()) -> Config:
+    """Load YAML from a local path or fsspec URI (or defaults when ``uri`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if uri:
+        from pipeline.io import storage
+
+        try:
+            text = storage.read_text(uri)
+        except FileNotFoundError:
+            raise ConfigError(f"--config: file {uri!r} does not exist") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {uri}: not valid YAML ({err})") from None
+    return from_dict(values, overrides)
