@@ -99,6 +99,7 @@ class RelationsConfig:
     crf_bilateral_srgb: float = 5.0
     crf_bilateral_compat: float = 10.0
     cpus_per_task: float = 1.0
+    max_tasks: int | None = None  # concurrent CRF tasks; None = as many as CPUs allow
 
 
 @dataclass
@@ -132,6 +133,7 @@ class SynthesisConfig:
     radius: int = 5
     sem_bg_threshold: float = 0.25
     ins_bg_threshold: float = 0.25
+    cam_bg_threshold: float = 0.15  # CAM-only ablation (official cam_eval_thres)
     centroid_iterations: int = 100
     centroid_threshold: float = 2.5
     min_fragment: float = 0.01

@@ -89,6 +89,7 @@ def mine_relations(
     *,
     fg_threshold: float = 0.30,
     bg_threshold: float = 0.05,
+    **crf_params,
 ) -> np.ndarray:
     """Mine the relation label map of one image from its high-resolution CAMs (Sec. 4.2).
 
@@ -102,6 +103,8 @@ def mine_relations(
         class_ids: K class ids (1..C) of the CAM channels, in order.
         fg_threshold: CAM score above which a pixel is confident foreground.
         bg_threshold: CAM score below which (for every class) a pixel is confident background.
+        **crf_params: keyword arguments of :func:`crf_refine_labels` (gt_prob, iterations,
+            gaussian_sxy, ...), the paper's values by default.
 
     Returns:
         uint8 [H, W]: the class id where the refined fg map names a class, 0 where both refined maps
@@ -121,8 +124,8 @@ def mine_relations(
     # Channel k of the padded maps is background (k = 0) or class keys[k − 1].
     lookup = np.concatenate([[0], keys]).astype(np.uint8)
     n_labels = keys.shape[0] + 1
-    fg = lookup[crf_refine_labels(image, _thresholded_argmax(cams, fg_threshold), n_labels)]
-    bg = lookup[crf_refine_labels(image, _thresholded_argmax(cams, bg_threshold), n_labels)]
+    fg = lookup[crf_refine_labels(image, _thresholded_argmax(cams, fg_threshold), n_labels, **crf_params)]
+    bg = lookup[crf_refine_labels(image, _thresholded_argmax(cams, bg_threshold), n_labels, **crf_params)]
 
     relations = fg.copy()
     relations[fg == 0] = IGNORE_LABEL

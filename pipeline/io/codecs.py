@@ -114,3 +114,10 @@ def read_parquet(uri: str) -> pa.Table:
     from pipeline.io import storage
 
     return parquet_bytes_to_table(storage.read_bytes(uri))
+
+
+def read_parquet_columns(uri: str, columns: list[str]) -> pa.Table:
+    """Only ``columns`` of the Parquet file at ``uri``."""
+    from pipeline.io import storage
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)

@@ -1,0 +1,67 @@
+"""Where everything lives under a run root (DESIGN §3). One function per kind of output."""
+
+from __future__ import annotations
+
+import hashlib
+
+from pipeline.io.storage import join
+
+
+def run_json(root: str) -> str:
+    return join(root, "run.json")
+
+
+def manifest_table(root: str) -> str:
+    """The validated manifest of the latest run (Parquet)."""
+    return join(root, "manifest", "valid.parquet")
+
+
+def model_file(root: str, network: str) -> str:
+    """Exported state dict of ``network`` ('cam' or 'irn'); metadata beside it as ``.json``."""
+    return join(root, "models", network, "model.pt")
+
+
+def cams_dir(root: str) -> str:
+    return join(root, "cams")
+
+
+def relation_png(root: str, image_id: str) -> str:
+    return join(root, "relations", f"{image_id}.png")
+
+
+def high_res_cams_dir(root: str) -> str:
+    return join(root, "cams_high_res")
+
+
+def labels_root(root: str) -> str:
+    return join(root, "labels")
+
+
+def latest_pointer(root: str) -> str:
+    return join(root, "labels", "LATEST")
+
+
+def labels_dir(root: str, version: str) -> str:
+    return join(root, "labels", version)
+
+
+def semantic_png(labels: str, image_id: str) -> str:
+    return join(labels, "semantic", f"{image_id}.png")
+
+
+def instance_png(labels: str, image_id: str) -> str:
+    return join(labels, "instance", f"{image_id}.png")
+
+
+def quarantine_dir(root: str) -> str:
+    return join(root, "quarantine")
+
+
+def report_dir(root: str) -> str:
+    return join(root, "report")
+
+
+def part_name(image_ids: list[str], prefix: str = "part") -> str:
+    """Deterministic shard name for a batch: a retried batch overwrites its own shard."""
+    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
+    return f"{prefix}-{digest}.parquet"

@@ -1,0 +1,204 @@
+"""Stage: CAM inference (GPU/CPU actor pool) streaming into CRF relation mining (CPU tasks).
+
+Writes stride-4 CAMs (float16) to ``cams/part-*.parquet`` and relation labels to
+``relations/<id>.png``; full-resolution CAMs only travel between the two operators (persisted to
+``cams_high_res/`` only when ``cams.keep_high_res`` is set). Images that fail become quarantine
+rows of stage ``cams``; an image is done when its CAM row exists or it is quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from pipeline.algorithms.cams import make_cams
+from pipeline.algorithms.relations import mine_relations
+from pipeline.config import Config
+from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.transforms import normalize, resize_image, scaled_size
+from pipeline.io import codecs, layout, storage
+from pipeline.stages import common
+from pipeline.train.common import load_exported
+
+log = logging.getLogger(__name__)
+STAGE = "cams"
+
+
+def pick_device(gpus: float) -> torch.device:
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def multiscale_cams(model: torch.nn.Module, image: np.ndarray, class_ids: list[int], scales: list[float],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1: CAMs of ``image`` (uint8 [H, W, 3]) at ``scales`` with flips -> (stride-4, full-res)."""
+    height, width = image.shape[:2]
+    outputs = []
+    for scale in scales:
+        scaled = normalize(resize_image(image, scaled_size(height, width, scale)))
+        x = torch.from_numpy(scaled).to(device)[None]
+        x = torch.cat([x, x.flip(-1)])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs.append(model.cam_maps(x).float())
+    return make_cams(outputs, (height, width), [c - 1 for c in class_ids])
+
+
+class CamInference:
+    """Actor: loads the CAM network once; maps manifest rows to CAMs (or a decode error)."""
+
+    def __init__(self, *, model_uri: str, num_classes: int, depth: int, scales: list[float],
+                 max_pixels: int, gpus: float):
+        from pipeline.models.cam_net import build_cam_net
+
+        self.device = pick_device(gpus)
+        self.model = build_cam_net(num_classes=num_classes, depth=depth,
+                                   state_dict=load_exported(model_uri)).to(self.device).eval()
+        self.scales, self.max_pixels = scales, max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, list] = {k: [] for k in ("image_id", "uri", "class_ids", "image", "cams", "high_res", "error")}
+        for image_id, uri, class_ids in zip(batch["image_id"], batch["uri"], batch["class_ids"]):
+            class_ids = np.asarray(class_ids, np.int32)
+            # Failed rows carry empty arrays (same ndim) so the batch stays a tensor column.
+            image, cams, high_res, error = np.zeros((0, 0, 3), np.uint8), _EMPTY, _EMPTY, ""
+            try:
+                image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
+                cams, high_res = multiscale_cams(self.model, image, class_ids.tolist(), self.scales, self.device)
+                cams, high_res = cams.cpu().numpy(), high_res.cpu().numpy()
+            except ImageDecodeError as err:
+                error = err.reason
+            except FileNotFoundError:
+                error = "image file not found"
+            except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
+                log.exception("CAM inference failed for %s", image_id)
+                error = f"CAM inference failed ({type(err).__name__}: {err})"
+            for key, value in (("image_id", str(image_id)), ("uri", str(uri)), ("class_ids", class_ids),
+                               ("image", image), ("cams", cams), ("high_res", high_res), ("error", error)):
+                out[key].append(value)
+        return {k: _object_array(v) for k, v in out.items()}
+
+
+_EMPTY = np.zeros((0, 0, 0), np.float32)
+
+
+def _object_array(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def mine_and_write(batch: dict[str, np.ndarray], *, root: str, relation_params: dict[str, float],
+                   keep_high_res: bool) -> dict[str, np.ndarray]:
+    """Task: CRF relation mining per image, then one CAM shard + quarantine shard per batch."""
+    rows, quarantine, statuses, high_res_rows = [], [], [], []
+    for i, image_id in enumerate(batch["image_id"]):
+        error = batch["error"][i]
+        if not error:
+            try:
+                relations = mine_relations(batch["image"][i], batch["high_res"][i], batch["class_ids"][i],
+                                           **relation_params)
+                storage.write_bytes(layout.relation_png(root, image_id),
+                                    codecs.encode_semantic_png(relations))
+            except Exception as err:  # noqa: BLE001
+                log.exception("relation mining failed for %s", image_id)
+                error = f"relation mining failed ({type(err).__name__}: {err})"
+        if error:
+            quarantine.append({"image_id": image_id, "uri": batch["uri"][i], "reason": error})
+            statuses.append("quarantined")
+            continue
+        height, width = batch["image"][i].shape[:2]
+        rows.append({"image_id": image_id, "uri": batch["uri"][i], "height": height, "width": width,
+                     "class_ids": [int(c) for c in batch["class_ids"][i]], "cams": batch["cams"][i]})
+        if keep_high_res:
+            high_res_rows.append((image_id, batch["high_res"][i]))
+        statuses.append("done")
+    common.write_quarantine(root, STAGE, quarantine)
+    if high_res_rows:
+        ids = [r[0] for r in high_res_rows]
+        table = pa.table({"image_id": ids, **codecs.array_columns("high_res_cams", [r[1] for r in high_res_rows])})
+        codecs.write_parquet(storage.join(layout.high_res_cams_dir(root), layout.part_name(ids)), table)
+    if rows:
+        write_cam_shard(root, rows)
+    return common.status_batch(statuses)
+
+
+CAM_COLUMNS = ("image_id", "uri", "height", "width", "class_ids")
+
+
+def write_cam_shard(root: str, rows: list[dict[str, Any]]) -> None:
+    """One atomic Parquet shard of stride-4 CAMs (float16) and their image metadata."""
+    ids = [r["image_id"] for r in rows]
+    table = pa.table({
+        "image_id": pa.array(ids, pa.string()), "uri": pa.array([r["uri"] for r in rows], pa.string()),
+        "height": pa.array([r["height"] for r in rows], pa.int32()),
+        "width": pa.array([r["width"] for r in rows], pa.int32()),
+        "class_ids": pa.array([r["class_ids"] for r in rows], pa.list_(pa.int32())),
+        **codecs.array_columns("cams", [r["cams"] for r in rows], np.float16),
+    })
+    codecs.write_parquet(storage.join(layout.cams_dir(root), layout.part_name(ids)), table)
+
+
+def stage_key(cfg: Config, classes: list[str]) -> str:
+    """What the CAM outputs depend on: the CAM model, the classes and the settings used."""
+    return common.fingerprint({"model": common.file_fingerprint(layout.model_file(cfg.run.root, "cam")),
+                               "classes": classes, "cams": vars(cfg.cams), "relations": vars(cfg.relations),
+                               "max_pixels": cfg.data.max_pixels})
+
+
+def pending(cfg: Config, table: pa.Table) -> pa.Table:
+    """Rows of the manifest table (image_id, uri, labels) whose CAM outputs do not exist yet."""
+    done = set(common.read_column(layout.cams_dir(cfg.run.root), "image_id"))
+    done |= common.quarantined_ids(cfg.run.root, STAGE)
+    mask = [image_id not in done for image_id in table.column("image_id").to_pylist()]
+    return table.filter(pa.array(mask, pa.bool_()))
+
+
+def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]:
+    """Run the stage over the manifest rows in ``table``; returns counts by status."""
+    import ray.data
+
+    common.prepare_stage_dir(layout.cams_dir(cfg.run.root), stage_key(cfg, classes))
+    todo = pending(cfg, table)
+    if todo.num_rows == 0:
+        return {"skipped": table.num_rows}
+    index = {name: i + 1 for i, name in enumerate(classes)}
+    class_ids = [sorted(index[n] for n in labels) for labels in todo.column("labels").to_pylist()]
+    source = pa.table({"image_id": todo.column("image_id"), "uri": todo.column("uri"),
+                       "class_ids": pa.array(class_ids, pa.list_(pa.int32()))})
+    cam_cfg, meta = cfg.cams, _cam_model_meta(cfg)
+    relation_params = {"fg_threshold": cfg.relations.fg_threshold, "bg_threshold": cfg.relations.bg_threshold,
+                       **{k.removeprefix("crf_"): v for k, v in vars(cfg.relations).items() if k.startswith("crf_")}}
+    ds = common.blocks(source, rows_per_block=max(4, cam_cfg.batch_size)).map_batches(
+        CamInference, batch_size=cam_cfg.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_uri": layout.model_file(cfg.run.root, "cam"), "num_classes": len(classes),
+                               "depth": meta["config"]["depth"], "scales": cam_cfg.scales,
+                               "max_pixels": cfg.data.max_pixels, "gpus": cam_cfg.gpus_per_actor},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cam_cfg.num_actors),
+        num_cpus=cam_cfg.cpus_per_actor, num_gpus=cam_cfg.gpus_per_actor,
+    ).map_batches(
+        mine_and_write, batch_size=max(4, cam_cfg.batch_size), batch_format="numpy",
+        fn_kwargs={"root": cfg.run.root, "relation_params": relation_params,
+                               "keep_high_res": cam_cfg.keep_high_res},
+        compute=ray.data.TaskPoolStrategy(size=cfg.relations.max_tasks), num_cpus=cfg.relations.cpus_per_task)
+    counts = common.summarise(ds)
+    counts["skipped"] = table.num_rows - todo.num_rows
+    return counts
+
+
+def _cam_model_meta(cfg: Config) -> dict[str, Any]:
+    return json.loads(storage.read_text(layout.model_file(cfg.run.root, "cam") + ".json"))
+
+
+def read_cam_rows(uri: str) -> list[dict[str, Any]]:
+    """Rows of one CAM shard with ``cams`` as float32 [K, h, w] arrays."""
+    table = codecs.read_parquet(uri)
+    rows = table.select(list(CAM_COLUMNS)).to_pylist()
+    for i, row in enumerate(rows):
+        row["cams"] = codecs.read_array(table, "cams", i).astype(np.float32)
+    return rows

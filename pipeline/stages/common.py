@@ -1,0 +1,86 @@
+"""Plumbing shared by the per-image Ray Data stages: inputs, shards, quarantine, completion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.manifest import QUARANTINE_SCHEMA
+from pipeline.io import codecs, layout, storage
+
+log = logging.getLogger(__name__)
+
+
+def blocks(table: pa.Table, rows_per_block: int = 16):
+    """A Ray Dataset over ``table`` in blocks of ``rows_per_block`` rows.
+
+    Small blocks let a slow or dead worker cost only its own block (Ray retries it) and spread
+    work over the actor pool; building them needs no all-to-all tasks.
+    """
+    import ray.data
+
+    slices = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(slices or [table])
+
+
+def read_column(directory: str, column: str, *, suffix: str = ".parquet") -> Iterator[str]:
+    """Values of ``column`` over every shard in ``directory`` (one shard in memory at a time)."""
+    for uri in storage.list_files(directory, suffix):
+        yield from codecs.read_parquet_columns(uri, [column]).column(column).to_pylist()
+
+
+def quarantined_ids(root: str, stage: str) -> set[str]:
+    """Image ids quarantined by ``stage`` in this run root."""
+    ids = set()
+    for uri in storage.list_files(layout.quarantine_dir(root), ".parquet"):
+        if uri.rsplit("/", 1)[-1].startswith(f"{stage}-"):
+            ids.update(codecs.read_parquet_columns(uri, ["image_id"]).column("image_id").to_pylist())
+    return ids
+
+
+def write_quarantine(root: str, stage: str, records: list[dict[str, str]]) -> None:
+    """Write quarantine rows (image_id, uri, stage, reason) as one atomic shard."""
+    if not records:
+        return
+    name = layout.part_name([r["image_id"] + "\0" + r["reason"] for r in records], prefix=stage)
+    table = pa.Table.from_pylist([{**r, "stage": stage} for r in records], schema=QUARANTINE_SCHEMA)
+    codecs.write_parquet(storage.join(layout.quarantine_dir(root), name), table)
+
+
+def fingerprint(values: dict[str, Any]) -> str:
+    """Stable short hash of the inputs that determine a stage's outputs."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(uri: str) -> str:
+    """Content hash of a (model) file, so retraining invalidates what was computed from it."""
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+
+
+def prepare_stage_dir(directory: str, key: str) -> None:
+    """Make ``directory`` hold outputs of ``key``: outputs of another key are removed first."""
+    marker = storage.join(directory, "_stage.json")
+    if storage.exists(marker):
+        if json.loads(storage.read_text(marker)).get("key") == key:
+            return
+        log.warning("inputs of %s changed; discarding its previous outputs", directory)
+        storage.remove(directory, recursive=True)
+    storage.write_text(marker, json.dumps({"key": key}))
+
+
+def summarise(ds) -> dict[str, int]:
+    """Drive a stage's dataset to completion; only per-image status rows reach the driver."""
+    counts: dict[str, int] = {}
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        for status in batch["status"]:
+            counts[str(status)] = counts.get(str(status), 0) + 1
+    return counts
+
+
+def status_batch(statuses: list[str]) -> dict[str, np.ndarray]:
+    return {"status": np.array(statuses, dtype=object)}

@@ -1,0 +1,142 @@
+"""What both training loops share: schedule, progress, checkpoints, the Ray Train runner, export."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+
+from pipeline.io import storage
+
+log = logging.getLogger(__name__)
+
+
+def poly_lr(base_lr: float, step: int, max_step: int, power: float) -> float:
+    """The paper's polynomial decay: base · (1 − step / max_step)^power."""
+    return base_lr * (1.0 - min(step, max_step) / max(1, max_step)) ** power
+
+
+def make_sgd(groups: list[tuple[list[torch.nn.Parameter], float]], weight_decay: float) -> torch.optim.SGD:
+    """SGD without momentum; each group is (params, base learning rate)."""
+    return torch.optim.SGD([{"params": p, "lr": lr, "initial_lr": lr} for p, lr in groups if p],
+                           lr=groups[0][1], momentum=0.0, weight_decay=weight_decay)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_step: int, power: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = poly_lr(group["initial_lr"], step, max_step, power)
+
+
+def steps_per_epoch(num_images: int, batch_size: int, num_workers: int) -> int:
+    """Optimiser steps per epoch: every worker reads its share in per-worker batches."""
+    per_worker_batch = max(1, batch_size // num_workers)
+    return max(1, math.ceil(math.ceil(num_images / num_workers) / per_worker_batch))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU, plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Progress:
+    """Logs epoch/step, loss, images/s and ETA every ``every`` steps (rank 0 only)."""
+
+    def __init__(self, name: str, max_step: int, start_step: int, *, every: int = 10, enabled: bool = True):
+        self.name, self.max_step, self.every, self.enabled = name, max_step, every, enabled
+        self.start_step, self.t0, self.images = start_step, time.perf_counter(), 0
+
+    def update(self, epoch: int, step: int, loss: float, batch_images: int) -> None:
+        self.images += batch_images
+        done = step - self.start_step
+        if not self.enabled or (step % self.every and step != self.max_step):
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / max(1, done) * (self.max_step - step)
+        log.warning("%s epoch %d step %d/%d loss %.4f %.1f img/s (this worker) ETA %ds",
+                    self.name, epoch, step, self.max_step, loss, rate, int(eta))
+
+    def images_per_second(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        return self.images / elapsed if elapsed > 0 else 0.0
+
+
+def save_checkpoint(state: dict[str, Any], metrics: dict[str, Any], *, rank: int) -> None:
+    """Report ``metrics`` to Ray Train with a checkpoint of ``state`` from rank 0 (a barrier)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            torch.save(state, os.path.join(directory, "state.pt"))
+            with open(os.path.join(directory, "metrics.json"), "w") as f:
+                json.dump(metrics, f)
+            checkpoint = Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def load_checkpoint(checkpoint) -> dict[str, Any] | None:
+    """The state saved by :func:`save_checkpoint`, or None when there is no checkpoint."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def run_trainer(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], datasets: dict, *,
+                root: str, name: str, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+                max_failures: int):
+    """Fit with Ray Train (DDP); checkpoints under ``<root>/models``; resumes a same-named run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path = storage.join(root, "models")
+    if storage.is_local(storage_path):
+        storage_path = os.path.abspath(storage_path)
+        os.makedirs(storage_path, exist_ok=True)
+    resources = {"CPU": cpus_per_worker}
+    trainer = TorchTrainer(
+        train_fn, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def export_model(result, uri: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write the final checkpoint's model as a plain state-dict file plus ``<uri>.json`` metadata."""
+    state = load_checkpoint(result.checkpoint)
+    if state is None:
+        raise RuntimeError(f"training produced no checkpoint to export to {uri}")
+    buf = io.BytesIO()
+    torch.save(state["model"], buf)
+    storage.write_bytes(uri, buf.getvalue())
+    meta = {**extra, "metrics": state.get("metrics", {}), "epoch": state.get("epoch"),
+            "step": state.get("step")}
+    storage.write_text(uri + ".json", json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return meta
+
+
+def load_exported(uri: str) -> dict[str, torch.Tensor]:
+    """A state dict written by :func:`export_model` (weights only: no code is unpickled)."""
+    with storage.open_input(uri) as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
