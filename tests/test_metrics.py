@@ -100,3 +100,22 @@ def test_average_precision_edges():
     assert average_precision([], 3) == 0.0
     # FP first, then TP: precision 1/2 at recall 1.
     assert average_precision([False, True], 1) == pytest.approx(0.5)
+
+
+def test_streaming_accumulator_matches_mask_ap_at_every_threshold():
+    from pipeline.algorithms.metrics import MaskAPAccumulator, mask_ap
+
+    rng = np.random.default_rng(5)
+    images = []
+    for _ in range(4):
+        gt = rng.random((3, 12, 12)) > 0.6
+        pred = np.concatenate([gt[:2] ^ (rng.random((2, 12, 12)) > 0.8), rng.random((2, 12, 12)) > 0.5])
+        images.append((pred, rng.integers(1, 3, 4), rng.random(4), gt, rng.integers(1, 3, 3)))
+    acc = MaskAPAccumulator(iou_thresholds=(0.3, 0.5, 0.7))
+    for image in images:
+        acc.add(*image)
+    result = acc.result()
+    for threshold in (0.3, 0.5, 0.7):
+        expected = mask_ap(*[list(x) for x in zip(*images)], iou_threshold=threshold)
+        assert result[threshold]["per_class"] == expected["per_class"]
+    assert result[0.3]["mean"] >= result[0.7]["mean"]

@@ -130,37 +130,62 @@ def mask_ap(
     n_images = len(pred_masks)
     if not all(len(seq) == n_images for seq in (pred_classes, pred_scores, gt_masks, gt_classes)):
         raise ValueError("mask_ap arguments must be lists of equal length (one entry per image)")
-
-    detections = []  # (score, image, detection index, class) for all images
-    gt_count: dict[int, int] = {}
-    hit_gt = []  # per image: [N] index of the best same-class gt (−1 if below the threshold)
+    accumulator = MaskAPAccumulator(iou_thresholds=(iou_threshold,))
     for image in range(n_images):
-        classes = np.asarray(pred_classes[image], dtype=np.int64).reshape(-1)
-        scores = np.asarray(pred_scores[image], dtype=np.float64).reshape(-1)
-        truth = np.asarray(gt_classes[image], dtype=np.int64).reshape(-1)
-        for cls in truth:
-            gt_count[int(cls)] = gt_count.get(int(cls), 0) + 1
-        best = np.full(classes.shape[0], -1, dtype=np.int64)
-        if classes.size and truth.size:
-            iou = mask_iou(pred_masks[image], gt_masks[image])
-            iou = np.where(classes[:, None] == truth[None, :], iou, -1.0)
-            best = iou.argmax(axis=1)
-            best[iou.max(axis=1) < iou_threshold] = -1
-        hit_gt.append(best)
-        detections.extend((scores[d], image, d, int(classes[d])) for d in range(classes.shape[0]))
+        accumulator.add(pred_masks[image], pred_classes[image], pred_scores[image], gt_masks[image],
+                        gt_classes[image])
+    return accumulator.result()[iou_threshold]
 
-    per_class = {}
-    for cls in sorted(gt_count):
-        mine = [det for det in detections if det[3] == cls]
-        order = np.argsort([-det[0] for det in mine], kind="stable")
-        matched: set[tuple[int, int]] = set()
-        is_tp = np.zeros(len(mine), dtype=bool)
-        for rank, pos in enumerate(order):
-            _, image, d, _ = mine[pos]
-            target = int(hit_gt[image][d])
-            if target >= 0 and (image, target) not in matched:
-                matched.add((image, target))
-                is_tp[rank] = True
-        per_class[cls] = average_precision(is_tp, gt_count[cls])
-    mean = float(np.mean(list(per_class.values()))) if per_class else float("nan")
-    return {"per_class": per_class, "mean": mean}
+
+class MaskAPAccumulator:
+    """Streaming form of :func:`mask_ap`: add one image at a time, keep only per-detection records.
+
+    Memory is O(detections), not O(pixels), so a whole evaluation set can stream through it; one
+    pass serves several IoU thresholds.
+    """
+
+    def __init__(self, *, iou_thresholds: Sequence[float] = (0.5,)):
+        self.thresholds = tuple(float(t) for t in iou_thresholds)
+        self.gt_count: dict[int, int] = {}
+        # Per detection: (score, class, image index, best same-class gt per threshold or -1).
+        self.detections: list[tuple[float, int, int, tuple[int, ...]]] = []
+        self.images = 0
+
+    def add(self, pred_masks, pred_classes, pred_scores, gt_masks, gt_classes) -> None:
+        """One image: pred bool [N, H, W], int [N], float [N]; gt bool [M, H, W], int [M]."""
+        classes = np.asarray(pred_classes, dtype=np.int64).reshape(-1)
+        scores = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
+        truth = np.asarray(gt_classes, dtype=np.int64).reshape(-1)
+        for cls in truth:
+            self.gt_count[int(cls)] = self.gt_count.get(int(cls), 0) + 1
+        best_per_threshold = [np.full(classes.shape[0], -1, dtype=np.int64) for _ in self.thresholds]
+        if classes.size and truth.size:
+            iou = mask_iou(pred_masks, gt_masks)
+            iou = np.where(classes[:, None] == truth[None, :], iou, -1.0)
+            best, best_iou = iou.argmax(axis=1), iou.max(axis=1)
+            best_per_threshold = [np.where(best_iou < t, -1, best) for t in self.thresholds]
+        for d in range(classes.shape[0]):
+            hits = tuple(int(b[d]) for b in best_per_threshold)
+            self.detections.append((float(scores[d]), int(classes[d]), self.images, hits))
+        self.images += 1
+
+    def result(self) -> dict[float, dict]:
+        """{iou_threshold: {"per_class": {class_id: AP}, "mean": float}} as in :func:`mask_ap`."""
+        out = {}
+        for t_index, threshold in enumerate(self.thresholds):
+            per_class = {}
+            for cls in sorted(self.gt_count):
+                mine = [det for det in self.detections if det[1] == cls]
+                order = np.argsort([-det[0] for det in mine], kind="stable")
+                matched: set[tuple[int, int]] = set()
+                is_tp = np.zeros(len(mine), dtype=bool)
+                for rank, pos in enumerate(order):
+                    _, _, image, hits = mine[pos]
+                    target = hits[t_index]
+                    if target >= 0 and (image, target) not in matched:
+                        matched.add((image, target))
+                        is_tp[rank] = True
+                per_class[cls] = average_precision(is_tp, self.gt_count[cls])
+            mean = float(np.mean(list(per_class.values()))) if per_class else float("nan")
+            out[threshold] = {"per_class": per_class, "mean": mean}
+        return out

@@ -134,3 +134,13 @@ def open_input(uri: str) -> io.BufferedIOBase:
     """A readable binary file object (for streaming readers such as torch.load)."""
     fs, path = filesystem(uri)
     return fs.open(path, "rb")
+
+
+def copy(source: str, target: str) -> None:
+    """Copy one file; server-side on object stores (one atomic CopyObject), atomic locally."""
+    fs, src = filesystem(source)
+    target_fs, dst = filesystem(target)
+    if isinstance(fs, LocalFileSystem) or type(fs) is not type(target_fs):
+        write_bytes(target, read_bytes(source))
+    else:
+        fs.copy(src, dst)

@@ -1,0 +1,37 @@
+"""Label a data set end to end: ``python -m jobs.label --config FILE [--set key=value ...]``.
+
+Stages: train_cam, cams, train_irn, synthesis, coco, evaluate, report. Each is skipped when its
+outputs are current; ``--from-stage S`` reruns S and everything after it, ``--only S`` runs S alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+from jobs import _cli
+from pipeline.io import layout, storage
+from pipeline.orchestrate import STAGES, metrics_uri, run_label
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = _cli.parser(__doc__)
+    p.add_argument("--from-stage", choices=STAGES, help="rerun this stage and all after it")
+    p.add_argument("--only", choices=STAGES, action="append", help="run only this stage (repeatable)")
+    args = p.parse_args(argv)
+    cfg = _cli.load(args)
+    state = run_label(cfg, from_stage=args.from_stage, only=args.only)
+    root = cfg.run.root
+    print(f"labels: {layout.labels_dir(root, state['last_run']['labels_version'] or '-')}")
+    print(f"report: {storage.join(layout.report_dir(root), 'index.html')}")
+    if storage.exists(metrics_uri(root)):
+        metrics = json.loads(storage.read_text(metrics_uri(root)))
+        for method, result in [("irnet", metrics["irnet"]), *metrics.get("ablations", {}).items()]:
+            aps = "  ".join(f"AP{int(float(t) * 100)} {v:.3f}" for t, v in result["ap"].items() if v is not None)
+            miou = f"{result['miou']:.3f}" if result["miou"] is not None else "-"
+            print(f"{method:>13}: mIoU {miou}  {aps}")
+    print(f"wall time: {state['last_run']['seconds']:.0f} s")
+    return state
+
+
+if __name__ == "__main__":
+    main()

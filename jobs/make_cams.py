@@ -1,0 +1,18 @@
+"""CAM inference and CRF relation mining (Ray Data): ``python -m jobs.make_cams --config FILE [--set key=value ...]``.
+
+Runs only this stage of the end-to-end job (see jobs.label); a rerun resumes or skips.
+"""
+
+from __future__ import annotations
+
+from jobs import _cli
+from pipeline.orchestrate import run_label
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = _cli.load(_cli.parser(__doc__).parse_args(argv))
+    return run_label(cfg, only=["cams"])
+
+
+if __name__ == "__main__":
+    main()
