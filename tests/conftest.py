@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -13,17 +12,15 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def _quiet() -> None:
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
-        logging.ERROR)
-
-
 @pytest.fixture(scope="session")
 def ray_session():
+    """One embedded Ray (2 CPUs) for the session, started the way the jobs start it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=512 * 2**20, runtime_env={"worker_process_setup_hook": _quiet})
+    from pipeline.config import from_dict
+    from pipeline.orchestrate import init_ray
+
+    init_ray(from_dict({"ray": {"address": "local", "num_cpus": 2}}))
     yield ray
     ray.shutdown()
 

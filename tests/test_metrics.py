@@ -119,3 +119,15 @@ def test_streaming_accumulator_matches_mask_ap_at_every_threshold():
         expected = mask_ap(*[list(x) for x in zip(*images)], iou_threshold=threshold)
         assert result[threshold]["per_class"] == expected["per_class"]
     assert result[0.3]["mean"] >= result[0.7]["mean"]
+
+
+def test_classification_map_of_a_known_ranking():
+    from pipeline.algorithms.metrics import classification_map
+
+    scores = np.array([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.9]])
+    targets = np.array([[1, 0], [0, 1], [1, 0], [0, 0]])
+    # Class 0 ranking: TP, FP, TP -> AP = (1/2)*1 + (1/2)*(2/3) = 0.8333.
+    # Class 1 ranking: FP (0.9), TP (0.7) -> AP = 1 * (1/2) = 0.5.
+    result = classification_map(scores, targets)
+    assert np.allclose(result["per_class"], [5 / 6, 0.5]) and np.isclose(result["mean"], (5 / 6 + 0.5) / 2)
+    assert classification_map(scores, np.zeros((4, 2)))["per_class"] == [None, None]

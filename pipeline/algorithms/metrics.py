@@ -189,3 +189,25 @@ class MaskAPAccumulator:
             mean = float(np.mean(list(per_class.values()))) if per_class else float("nan")
             out[threshold] = {"per_class": per_class, "mean": mean}
         return out
+
+
+def classification_map(scores, targets) -> dict:
+    """Multi-label classification mAP: per-class AP of ranking images by score.
+
+    Args:
+        scores: float [N, C] class scores (any monotone scale, e.g. sigmoid outputs).
+        targets: {0, 1} [N, C] ground-truth tags.
+    Returns: {"per_class": [AP or None (class never present)], "mean": mean over present classes}.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets).astype(bool)
+    per_class = []
+    for c in range(scores.shape[1]):
+        positives = int(targets[:, c].sum())
+        if positives == 0:
+            per_class.append(None)
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        per_class.append(average_precision(targets[order, c], positives))
+    present = [ap for ap in per_class if ap is not None]
+    return {"per_class": per_class, "mean": float(np.mean(present)) if present else float("nan")}

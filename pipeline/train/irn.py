@@ -152,7 +152,7 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
             step += 1
             losses.append(loss.item())
             progress.update(epoch, step, losses[-1], len(images))
-        metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None,
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "loss": float(np.mean(losses)) if losses else None,
                    "images_per_s_per_worker": progress.images_per_second()}
         final = step >= max_step or epoch == config["epochs"] - 1
         if final:
