@@ -59,6 +59,7 @@ class TrainCamConfig:
 
     depth: Literal[18, 34, 50, 101] = 50
     backbone_init: str = "imagenet"  # imagenet | none | a weights file URI
+    from_scratch: bool = False  # train all layers with updating BatchNorm (no pretrained weights)
     batch_size: int = 16
     epochs: int = 5
     max_steps: int | None = None  # cap on optimiser steps (smoke tests); None = epochs decide
@@ -307,6 +308,21 @@ def from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -> Confi
     return cfg
 
 
+def resolve_local_paths(cfg: Config) -> Config:
+    """Make relative local paths absolute: Ray workers run in other working directories."""
+    import os
+
+    def absolute(value: str) -> str:
+        return value if not value or "://" in value or os.path.isabs(value) else os.path.abspath(value)
+
+    cfg.run.root = absolute(cfg.run.root)
+    cfg.data.manifest = absolute(cfg.data.manifest)
+    for section in (cfg.train_cam, cfg.train_irn):
+        if section.backbone_init not in ("none", "imagenet", "cam"):
+            section.backbone_init = absolute(section.backbone_init)
+    return cfg
+
+
 def load_config(uri: str | None = None, overrides: list[str] = ()) -> Config:
     """Load YAML from a local path or fsspec URI (or defaults when ``uri`` is None) and apply overrides."""
     values: dict[str, Any] = {}
@@ -321,4 +337,4 @@ def load_config(uri: str | None = None, overrides: list[str] = ()) -> Config:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"--config {uri}: not valid YAML ({err})") from None
-    return from_dict(values, overrides)
+    return resolve_local_paths(from_dict(values, overrides))

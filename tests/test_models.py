@@ -297,3 +297,18 @@ def test_bf16_autocast_channels_last_smoke():
     assert out.displacement.shape == (1, 2, 10, 14) and logits.shape == (1, 2)
     assert result.boundary.dtype == torch.float32
     assert torch.isfinite(result.displacement).all()
+
+
+def test_from_scratch_cam_net_trains_every_layer_and_loads_into_the_paper_net():
+    torch.manual_seed(0)
+    net = build_cam_net(num_classes=3, depth=18, from_scratch=True)
+    net.train()
+    bn_before = net.backbone.bn1.running_mean.clone()
+    x = torch.randn(2, 3, 64, 64)
+    F.multilabel_soft_margin_loss(net(x), torch.tensor([[1.0, 0, 1], [0, 1, 0]])).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert not torch.equal(net.backbone.bn1.running_mean, bn_before)  # statistics are learned
+    paper = build_cam_net(num_classes=3, depth=18, state_dict=net.state_dict()).eval()
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(paper.cam_maps(x), net.cam_maps(x), atol=1e-5)

@@ -123,12 +123,14 @@ class ResNetBackbone(nn.Module):
         channels: channel counts of (L1, L2, L3, L4, L5), e.g. (64, 256, 512, 1024, 2048).
     """
 
-    def __init__(self, *, depth: int = 50) -> None:
+    def __init__(self, *, depth: int = 50, batch_norm: bool = False) -> None:
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"depth must be one of {sorted(_RESNETS)}, got {depth}")
         builder, _ = _RESNETS[depth]
-        net = builder(weights=None, norm_layer=FrozenBatchNorm2d)
+        # batch_norm=True: ordinary BatchNorm (statistics update in train mode), for training
+        # from scratch where no pretrained statistics exist to freeze.
+        net = builder(weights=None, norm_layer=nn.BatchNorm2d if batch_norm else FrozenBatchNorm2d)
         # Last downsampling stride -> 1 (output stride 16, no dilation, as in IRNet).
         block = net.layer4[0]
         strided_conv = block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
@@ -217,7 +219,7 @@ def extract_backbone_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return {k: v for k, v in cleaned.items() if not k.startswith("fc.")}
 
 
-def build_backbone(*, depth: int = 50, init: WeightsSource = "none") -> ResNetBackbone:
+def build_backbone(*, depth: int = 50, init: WeightsSource = "none", batch_norm: bool = False) -> ResNetBackbone:
     """Build a ``ResNetBackbone`` and initialise its weights.
 
     Args:
@@ -226,11 +228,13 @@ def build_backbone(*, depth: int = 50, init: WeightsSource = "none") -> ResNetBa
             ``IMAGENET1K_V1`` weights; needs internet or a warm torch hub cache), or a state-dict
             source for ``load_state_dict_file``: a local path or an open binary file object.
             Loading is strict apart from the ignored classifier (``fc.*``).
+        batch_norm: ordinary (updating) BatchNorm instead of frozen statistics; only for
+            training from scratch.
 
     Returns:
         ResNetBackbone on CPU in float32.
     """
-    backbone = ResNetBackbone(depth=depth)
+    backbone = ResNetBackbone(depth=depth, batch_norm=batch_norm)
     if isinstance(init, str) and init == "none":
         return backbone
     if isinstance(init, str) and init == "imagenet":

@@ -35,20 +35,22 @@ class CAMNet(nn.Module):
         num_classes: number of foreground classes C.
     """
 
-    def __init__(self, backbone: ResNetBackbone, *, num_classes: int) -> None:
+    def __init__(self, backbone: ResNetBackbone, *, num_classes: int, frozen_levels: int = _FROZEN_LEVELS) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backbone = backbone
         self.num_classes = num_classes
+        self.frozen_levels = frozen_levels
         self.classifier = nn.Conv2d(backbone.channels[4], num_classes, kernel_size=1, bias=False)
-        frozen = (backbone.conv1, backbone.bn1, backbone.layer1, backbone.layer2)
-        for module in frozen:
-            for p in module.parameters():
-                p.requires_grad_(False)
+        levels = ((backbone.conv1, backbone.bn1), (backbone.layer1,), (backbone.layer2,), (backbone.layer3,))
+        for modules in levels[:frozen_levels]:
+            for module in modules:
+                for p in module.parameters():
+                    p.requires_grad_(False)
 
     def _l5(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x, detach_below=_FROZEN_LEVELS).l5
+        return self.backbone(x, detach_below=self.frozen_levels).l5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits.
@@ -88,6 +90,7 @@ def build_cam_net(
     depth: int = 50,
     backbone_init: WeightsSource = "none",
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    from_scratch: bool = False,
 ) -> CAMNet:
     """Build a CAMNet.
 
@@ -98,11 +101,16 @@ def build_cam_net(
             object (see ``build_backbone``).
         state_dict: optional full CAMNet state dict (e.g. a trained checkpoint) loaded strictly
             after construction; overrides ``backbone_init``.
+        from_scratch: train every layer with updating BatchNorm statistics (no gradient stop,
+            no frozen statistics). The paper's recipe assumes ImageNet weights; without any
+            pretrained weights, frozen random statistics and frozen random early layers would
+            leave the network unable to learn. Its state dict loads into the paper-mode net.
 
     Returns:
         CAMNet on CPU in float32.
     """
-    net = CAMNet(build_backbone(depth=depth, init=backbone_init), num_classes=num_classes)
+    net = CAMNet(build_backbone(depth=depth, init=backbone_init, batch_norm=from_scratch),
+                 num_classes=num_classes, frozen_levels=0 if from_scratch else _FROZEN_LEVELS)
     if state_dict is not None:
         net.load_state_dict(state_dict, strict=True)
     return net

@@ -69,7 +69,8 @@ def train_cam_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     model = build_cam_net(num_classes=config["num_classes"], depth=config["depth"],
-                          backbone_init=backbone_source(config["backbone_init"]))
+                          backbone_init=backbone_source(config["backbone_init"]),
+                          from_scratch=config["from_scratch"])
     state = common.load_checkpoint(ray.train.get_checkpoint())
     backbone_params, classifier_params = model.parameter_groups()
     optimizer = common.make_sgd([(backbone_params, config["lr"]), (classifier_params, 10 * config["lr"])],
