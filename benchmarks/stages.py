@@ -37,6 +37,8 @@ flight, and reports images/s of each (wall clock from the first submission to th
 image + CAM arrays are put in the object store beforehand, worker processes are started and warmed
 up beforehand) and the speed-up. The (image, CAM) pairs are those of (a), cycled. Each task sets
 ``torch.set_num_threads(1)``, matching its 1 CPU (Ray also sets OMP_NUM_THREADS to the task's CPUs).
+Object-store arrays arrive read-only and pydensecrf rejects a read-only image, so each task copies
+its image (untimed, ~0.2-0.8 MB) before mining; the reported task time is mine_relations alone.
 On a shared machine with 2 cores the speed-up is bounded by what the other tenants leave free.
 
 It measures and prints; it asserts nothing.
@@ -150,6 +152,9 @@ def ray_scaling(pairs_by_size: dict[int, list], num_images: int, concurrencies: 
         @ray.remote(num_cpus=1)
         def mine(image, high_res, class_ids, params):
             torch.set_num_threads(1)
+            # Object-store arrays are read-only views and pydensecrf's bilateral term needs a
+            # writable buffer: copy the image first (as a task receiving a fresh array would have it).
+            image = np.array(image)
             start = time.perf_counter()
             mine_relations(image, high_res, class_ids, **params)
             return time.perf_counter() - start, os.getpid()
@@ -188,13 +193,17 @@ def ray_scaling(pairs_by_size: dict[int, list], num_images: int, concurrencies: 
         ray.shutdown()
 
 
+def _load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     print(line)
     print("-" * len(line))
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 def main() -> None:
@@ -217,7 +226,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
           f"{cpus} CPUs available, torch {torch.__version__}, ResNet-{args.depth}, scales {SCALES} + flips, "
-          f"{count} timed images per size (+1 warm-up)")
+          f"{count} timed images per size (+1 warm-up), load average {_load()}")
     print(f"threads: (a) torch.set_num_threads({threads}) for CAMs, IRNet and synthesis; pydensecrf CRF is "
           f"single-threaded; (b) each Ray task torch.set_num_threads(1) on its 1 CPU")
 
@@ -254,7 +263,8 @@ def main() -> None:
                              str(r["workers"]), f"{r['wall']:.2f}", f"{r['task_median']:.3f}", f"{rate:.3f}",
                              f"{rate / base[r['size']]:.2f}x"])
 
-    print(f"\n(a) per-image stage time, in-process, median over {count} images (ResNet-{args.depth})")
+    print(f"\nload average at the end {_load()} (1/5/15 min; above the CPU count = shared with other work)")
+    print(f"(a) per-image stage time, in-process, median over {count} images (ResNet-{args.depth})")
     print_table(["stage", "size", "device", "threads", "s/image", "images/s"], rows)
     if ray_rows:
         print("\n(b) CRF relation mining as Ray tasks (num_cpus=1 each, torch threads 1), local Ray num_cpus=2")

@@ -16,11 +16,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--num-classes", type=int, default=4, help=f"2..{len(CLASS_NAMES)}")
     parser.add_argument("--min-size", type=int, default=96)
     parser.add_argument("--max-size", type=int, default=160)
+    parser.add_argument("--radius", type=float, nargs=2, default=[0.09, 0.16], metavar=("MIN", "MAX"),
+                        help="object radius range, as fractions of the image's shorter side")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = write_synthetic_set(args.out, num_images=args.num_images, seed=args.seed,
                                    num_classes=args.num_classes, min_size=args.min_size,
-                                   max_size=args.max_size)
+                                   max_size=args.max_size, radius=tuple(args.radius))
     logging.info("wrote %d images; manifest: %s", args.num_images, manifest)
     return manifest
 

@@ -114,3 +114,17 @@ def test_crf_refine_labels_removes_isolated_errors():
     refined = crf_refine_labels(image, noisy, 2)
     np.testing.assert_array_equal(refined, clean)
     np.testing.assert_array_equal(crf_refine_labels(image, np.zeros((30, 30), int), 1), 0)
+
+
+def test_mine_relations_accepts_read_only_inputs():
+    """Arrays from Ray's object store arrive read-only; pydensecrf must not see them as such."""
+    from pipeline.algorithms.relations import mine_relations
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[4:12, 4:12] = 200
+    cams = np.zeros((1, 16, 16), np.float32)
+    cams[0, 4:12, 4:12] = 1.0
+    image.setflags(write=False)
+    cams.setflags(write=False)
+    out = mine_relations(image, cams, [1])
+    assert out.shape == (16, 16) and out[8, 8] == 1

@@ -70,7 +70,7 @@ def crf_refine_labels(
     unary = unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)
     crf.setUnaryEnergy(np.ascontiguousarray(unary))
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    rgb = np.ascontiguousarray(image, dtype=np.uint8)
+    rgb = np.array(image, dtype=np.uint8, order="C", copy=True)  # pydensecrf rejects read-only buffers
     crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=rgb, compat=bilateral_compat)
     q = np.asarray(crf.inference(iterations), dtype=np.float32)
     return q.reshape(n_labels, height, width).argmax(axis=0).astype(np.int64)

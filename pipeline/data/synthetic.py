@@ -63,8 +63,11 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def generate_image(rng: np.random.Generator, classes: tuple[str, ...], *, min_size: int = 96,
-                   max_size: int = 160) -> SyntheticImage:
-    """One synthetic image with its ground truth (see module docstring)."""
+                   max_size: int = 160, radius: tuple[float, float] = (0.09, 0.16)) -> SyntheticImage:
+    """One synthetic image with its ground truth (see module docstring).
+
+    ``radius``: object radius range as fractions of the image's shorter side.
+    """
     height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     canvas = _background(rng, height, width)
     semantic = np.zeros((height, width), np.uint8)
@@ -77,7 +80,7 @@ def generate_image(rng: np.random.Generator, classes: tuple[str, ...], *, min_si
         previous: tuple[float, float, float] | None = None
         for _ in range(int(rng.integers(1, 5))):
             for _attempt in range(30):
-                r = float(rng.uniform(0.09, 0.16) * min(height, width))
+                r = float(rng.uniform(*radius) * min(height, width))
                 if previous is not None and rng.random() < 0.6:
                     # Touching neighbour of the previous instance of this class.
                     theta = rng.uniform(0, 2 * np.pi)
@@ -113,7 +116,8 @@ def generate_image(rng: np.random.Generator, classes: tuple[str, ...], *, min_si
 
 
 def write_synthetic_set(out: str, *, num_images: int, seed: int = 0, num_classes: int = 4,
-                        min_size: int = 96, max_size: int = 160, val_fraction: float = 0.2) -> str:
+                        min_size: int = 96, max_size: int = 160, val_fraction: float = 0.2,
+                        radius: tuple[float, float] = (0.09, 0.16)) -> str:
     """Write images, GT PNGs and ``manifest.parquet`` under ``out``; return the manifest URI.
 
     Images whose index ``i`` satisfies ``i % round(1 / val_fraction) == 0`` get split 'val', the
@@ -128,7 +132,7 @@ def write_synthetic_set(out: str, *, num_images: int, seed: int = 0, num_classes
     rows = []
     for index in range(num_images):
         sample = generate_image(np.random.default_rng([seed, index]), classes,
-                                min_size=min_size, max_size=max_size)
+                                min_size=min_size, max_size=max_size, radius=radius)
         image_id = f"syn-{index:06d}"
         buf = io.BytesIO()
         Image.fromarray(sample.image).save(buf, format="PNG")

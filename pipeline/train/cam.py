@@ -61,62 +61,20 @@ class CamTrainBatch:
 
 def train_cam_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train per-worker loop. ``config``: the ``train_cam`` section plus num_classes, max_step."""
-    import ray.train
-    import ray.train.torch
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     model = build_cam_net(num_classes=config["num_classes"], depth=config["depth"],
                           backbone_init=backbone_source(config["backbone_init"]),
                           from_scratch=config["from_scratch"])
-    state = common.load_checkpoint(ray.train.get_checkpoint())
     backbone_params, classifier_params = model.parameter_groups()
     optimizer = common.make_sgd([(backbone_params, config["lr"]), (classifier_params, 10 * config["lr"])],
                                 config["weight_decay"])
-    start_epoch, step = 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        log.warning("CAM training resumes from epoch %d (step %d)", start_epoch, step)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    max_step = config["max_step"]
-    per_worker_batch = max(1, config["batch_size"] // world)
-    progress = common.Progress("train_cam", max_step, step, enabled=rank == 0)
-    shard = ray.train.get_dataset_shard("train")
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, config["epochs"]):
-        model.train()
-        losses = []
-        for batch in shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
-                                              local_shuffle_buffer_size=4 * per_worker_batch):
-            if step >= max_step:
-                break
-            images = batch["image"]
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            common.set_poly_lr(optimizer, step, max_step, config["poly_power"])
-            with common.autocast(device):
-                logits = model(images)
-            loss = F.multilabel_soft_margin_loss(logits.float(), batch["target"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            progress.update(epoch, step, losses[-1], len(images))
-        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "loss": float(np.mean(losses)) if losses else None,
-                   "images_per_s_per_worker": progress.images_per_second()}
-        state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "step": step, "metrics": metrics}
-        common.save_checkpoint(state, metrics, rank=rank)
-        if step >= max_step:
-            break
-    return metrics
+
+    def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with common.autocast(batch["image"].device):
+            logits = net(batch["image"])
+        return F.multilabel_soft_margin_loss(logits.float(), batch["target"])
+
+    return common.fit_epochs("train_cam", model, optimizer, config, loss_fn)
 
 
 def cam_train_dataset(table: pa.Table, classes: list[str], cfg: Config):

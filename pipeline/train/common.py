@@ -71,6 +71,67 @@ class Progress:
         return self.images / elapsed if elapsed > 0 else 0.0
 
 
+def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
+               loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+               finish: Callable[[torch.nn.Module], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The per-worker training loop both networks share (inside a Ray Train worker).
+
+    Resumes model, optimizer, epoch and step from the latest checkpoint; applies the poly
+    schedule per step; reports metrics and a checkpoint every epoch; stops at ``config["max_step"]``.
+    ``finish(model)`` runs once after the last step (before the last checkpoint) and may add metrics.
+    """
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    state = load_checkpoint(ray.train.get_checkpoint())
+    start_epoch, step = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        log.warning("%s resumes from epoch %d (step %d)", name, start_epoch, step)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    max_step, epochs = config["max_step"], config["epochs"]
+    per_worker_batch = max(1, config["batch_size"] // world)
+    progress = Progress(name, max_step, step, enabled=rank == 0)
+    shard = ray.train.get_dataset_shard("train")
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        losses = []
+        for batch in shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
+                                              local_shuffle_buffer_size=4 * per_worker_batch):
+            if step >= max_step:
+                break
+            if device.type == "cuda":
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            set_poly_lr(optimizer, step, max_step, config["poly_power"])
+            loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            progress.update(epoch, step, losses[-1], len(batch["image"]))
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch,
+                   "loss": float(sum(losses) / len(losses)) if losses else None,
+                   "images_per_s_per_worker": progress.images_per_second()}
+        final = step >= max_step or epoch == epochs - 1
+        if final and finish is not None:
+            metrics.update(finish(model))
+        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch, "step": step, "metrics": metrics}
+        save_checkpoint(state, metrics, rank=rank)
+        if final:
+            break
+    return metrics
+
+
 def save_checkpoint(state: dict[str, Any], metrics: dict[str, Any], *, rank: int) -> None:
     """Report ``metrics`` to Ray Train with a checkpoint of ``state`` from rank 0 (a barrier)."""
     import ray.train

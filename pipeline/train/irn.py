@@ -105,9 +105,6 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     if config["backbone_init"] == "cam":
         model = build_irnet(depth=config["depth"], cam_state_dict=common.load_exported(config["cam_model_uri"]))
     else:
@@ -115,56 +112,22 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
     boundary_params, displacement_params = model.parameter_groups()
     optimizer = common.make_sgd([(boundary_params, config["lr"]), (displacement_params, 10 * config["lr"])],
                                 config["weight_decay"])
-    state = common.load_checkpoint(ray.train.get_checkpoint())
-    start_epoch, step = 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        log.warning("IRNet training resumes from epoch %d (step %d)", start_epoch, step)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    max_step, radius = config["max_step"], config["radius"]
-    per_worker_batch = max(1, config["batch_size"] // world)
-    progress = common.Progress("train_irn", max_step, step, enabled=rank == 0)
-    shard = ray.train.get_dataset_shard("train")
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, config["epochs"]):
-        model.train()
-        losses: list[float] = []
-        for batch in shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
-                                              local_shuffle_buffer_size=4 * per_worker_batch):
-            if step >= max_step:
-                break
-            images = batch["image"]
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            bg, fg, neg = _pair_labels(batch["relation"], radius)
-            common.set_poly_lr(optimizer, step, max_step, config["poly_power"])
-            with common.autocast(device):
-                out = model(images)
-            loss = irn_losses(out.boundary_logits.float(), out.displacement.float(), bg, fg, neg,
-                              radius=radius)["total"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            progress.update(epoch, step, losses[-1], len(images))
-        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "loss": float(np.mean(losses)) if losses else None,
-                   "images_per_s_per_worker": progress.images_per_second()}
-        final = step >= max_step or epoch == config["epochs"] - 1
-        if final:
-            mean = _mean_displacement(model, ray.train.get_dataset_shard("mean"), device, per_worker_batch)
-            common.unwrap(model).set_mean_displacement(mean)
-            metrics["mean_displacement"] = mean.tolist()
-        state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "step": step, "metrics": metrics}
-        common.save_checkpoint(state, metrics, rank=rank)
-        if final:
-            break
-    return metrics
+    radius = config["radius"]
+
+    def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        bg, fg, neg = _pair_labels(batch["relation"], radius)
+        with common.autocast(batch["image"].device):
+            out = net(batch["image"])
+        return irn_losses(out.boundary_logits.float(), out.displacement.float(), bg, fg, neg, radius=radius)["total"]
+
+    def finish(net: torch.nn.Module) -> dict[str, Any]:
+        world = ray.train.get_context().get_world_size()
+        mean = _mean_displacement(net, ray.train.get_dataset_shard("mean"), ray.train.torch.get_device(),
+                                  max(1, config["batch_size"] // world))
+        common.unwrap(net).set_mean_displacement(mean)
+        return {"mean_displacement": mean.tolist()}
+
+    return common.fit_epochs("train_irn", model, optimizer, config, loss_fn, finish)
 
 
 def irn_train_datasets(table: pa.Table, cfg: Config) -> dict:
