@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
             aps = "  ".join(f"AP{int(float(t) * 100)} {v:.3f}" for t, v in result["ap"].items() if v is not None)
             miou = f"{result['miou']:.3f}" if result["miou"] is not None else "-"
             print(f"{method:>13}: mIoU {miou}  {aps}")
+        if metrics.get("cam_classification"):
+            cls = metrics["cam_classification"]
+            print(f"CAM classifier mAP on {cls['images']} held-out images: {cls['map']:.3f} (chance {cls['chance']:.3f})")
     print(f"wall time: {state['last_run']['seconds']:.0f} s")
     return state
 

@@ -151,6 +151,7 @@ class EvalConfig:
     iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7])
     ablations: bool = True  # also score CAM-only and CAM + boundary (Tables 1-2)
     num_previews: int = 8
+    max_classification_images: int = 500  # held-out (split 'val') images for the CAM net's mAP
 
 
 @dataclass

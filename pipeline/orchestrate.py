@@ -204,7 +204,7 @@ def metrics_uri(root: str) -> str:
 
 
 def stage_evaluate(run: Run) -> dict[str, Any]:
-    from pipeline.stages.evaluate import evaluate_labels
+    from pipeline.stages.evaluate import cam_classification_map, evaluate_labels
     from pipeline.stages.synthesis import run_synthesis
 
     gt_rows = [r for r in run.rows if r.has_ground_truth]
@@ -225,6 +225,8 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
             directory = storage.join(layout.report_dir(run.root), "ablations", f"{method}-{synthesis_key(run)}")
             run_synthesis(run.cfg, directory, method=method, image_ids=ids)
             result["ablations"][method] = evaluate_labels(directory, gt_rows, run.classes, iou_thresholds=thresholds)
+    result["cam_classification"] = cam_classification_map(run.root, run.rows, run.classes,
+                                                          max_images=run.cfg.eval.max_classification_images)
     storage.write_text(metrics_uri(run.root), json.dumps(to_json_safe(result), indent=2, sort_keys=True))
     full = result["irnet"]
     return {"miou": full["miou"], **{f"ap{t}": v for t, v in full["ap"].items()}}

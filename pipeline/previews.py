@@ -100,6 +100,8 @@ def build_report(run) -> dict[str, Any]:
                    "counts": info.get("counts", {})} for name, info in stages.items()]
     full = (metrics or {}).get("irnet")
     headline = None if not full else {"mIoU": full["miou"], **{f"AP{int(float(t) * 100)}": v for t, v in full["ap"].items()}}
+    if headline is not None and metrics.get("cam_classification"):
+        headline["CAM net mAP (held-out)"] = metrics["cam_classification"]["map"]
     ablations = [] if not metrics else [
         {"method": label, "miou": m["miou"], "ap50": m["ap"].get("0.5"), "ap70": m["ap"].get("0.7")}
         for label, m in (("CAM", metrics["ablations"].get("cam")),

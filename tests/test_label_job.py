@@ -156,6 +156,8 @@ def test_report_and_metrics(labelled):
     assert "train_cam" in html and "https://" not in html
     metrics = json.loads(storage.read_text(storage.join(layout.report_dir(root), "metrics.json")))
     assert set(metrics["ablations"]) == {"cam", "cam_boundary"}
+    held_out = metrics["cam_classification"]
+    assert held_out["images"] == 2 and 0.0 <= held_out["map"] <= 1.0  # split 'val': every 5th image
     for result in (metrics["irnet"], *metrics["ablations"].values()):
         assert 0.0 <= result["miou"] <= 1.0 and set(result["ap"]) == {"0.5", "0.7"}
 

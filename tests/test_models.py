@@ -312,3 +312,20 @@ def test_from_scratch_cam_net_trains_every_layer_and_loads_into_the_paper_net():
     net.eval()
     with torch.no_grad():
         assert torch.allclose(paper.cam_maps(x), net.cam_maps(x), atol=1e-5)
+
+
+def test_backbone_weights_from_any_fsspec_uri():
+    import io
+
+    from pipeline.io import storage
+    from pipeline.models.backbone import build_backbone
+    from pipeline.train.cam import backbone_source
+
+    torch.manual_seed(3)
+    source = build_backbone(depth=18)
+    buf = io.BytesIO()
+    torch.save(source.state_dict(), buf)
+    storage.write_bytes("memory://weights/resnet18.pt", buf.getvalue())
+    net = build_cam_net(num_classes=2, depth=18, backbone_init=backbone_source("memory://weights/resnet18.pt"))
+    assert torch.equal(net.backbone.conv1.weight, source.conv1.weight)
+    assert backbone_source("none") == "none" and backbone_source("imagenet") == "imagenet"

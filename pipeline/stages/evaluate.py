@@ -92,3 +92,34 @@ def evaluate_labels(labels_dir: str, rows: list[ManifestRow], classes: list[str]
         "per_class_ap": {f"{t:g}": {classes[c - 1]: v for c, v in ap_result[t]["per_class"].items()}
                          for t in iou_thresholds} if instance_images else {},
     }
+
+
+def cam_classification_map(root: str, rows: list[ManifestRow], classes: list[str], *, max_images: int) -> dict[str, Any] | None:
+    """Classification mAP of the trained CAM network on held-out (split 'val') images, or None."""
+    import json
+
+    from pipeline.algorithms.metrics import classification_map
+    from pipeline.data.images import ImageDecodeError, decode_image
+    from pipeline.models.cam_net import build_cam_net
+    from pipeline.train.cam import multi_hot, predict_scores
+    from pipeline.train.common import load_exported
+
+    held_out = [r for r in rows if r.split == "val"][:max_images]
+    if not held_out:
+        return None
+    meta = json.loads(storage.read_text(layout.model_file(root, "cam") + ".json"))
+    net = build_cam_net(num_classes=len(classes), depth=meta["config"]["depth"],
+                        state_dict=load_exported(layout.model_file(root, "cam")))
+    images, targets = [], []
+    for row in held_out:
+        try:
+            images.append(decode_image(storage.read_bytes(row.uri)))
+        except (ImageDecodeError, OSError):
+            continue  # quarantined by the CAM stage
+        targets.append(multi_hot(row.labels, classes))
+    if not images:
+        return None
+    result = classification_map(predict_scores(net, images), np.stack(targets))
+    chance = float(np.mean([t.mean() for t in np.stack(targets).T]))
+    return {"images": len(images), "map": result["mean"], "chance": chance,
+            "per_class": dict(zip(classes, result["per_class"]))}
