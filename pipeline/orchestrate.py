@@ -85,6 +85,12 @@ class Run:
         log.info("stage %s: %s in %.1fs %s", name, status, seconds, counts)
 
 
+def cams_key(root: str) -> str | None:
+    """The key of the CAM/relation outputs in the run root (see stages.cams.stage_key)."""
+    marker = storage.join(layout.cams_dir(root), "_stage.json")
+    return json.loads(storage.read_text(marker)).get("key") if storage.exists(marker) else None
+
+
 def _train_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
     """Rows used for training: all but split 'val' (held out), or all if that leaves none."""
     train = [r for r in rows if r.split != "val"]
@@ -96,7 +102,8 @@ def _train_network(run: Run, network: str, key: str, train: Callable[[str], dict
     stage = run.state.stage(f"train_{network}")
     exists = storage.exists(layout.model_file(run.root, network))
     policy = run.cfg.run.retrain
-    needed = (f"train_{network}" in run.force or not exists or policy == "always"
+    interrupted = stage.get("trained") is False  # a previous attempt died: finish it first
+    needed = (f"train_{network}" in run.force or not exists or interrupted or policy == "always"
               or (policy == "auto" and stage.get("key") != key))
     if not needed:
         return {"_skipped": True, "model": layout.model_file(run.root, network)}
@@ -113,7 +120,7 @@ def stage_train_cam(run: Run) -> dict[str, Any]:
     from pipeline.train.cam import train_cam
 
     rows = _train_rows(run.rows)
-    key = common.fingerprint({"train_cam": vars(run.cfg.train_cam), "classes": run.classes})
+    key = common.fingerprint({"train_cam": common.settings(run.cfg.train_cam), "classes": run.classes})
     return _train_network(run, "cam", key, lambda name: train_cam(run.cfg, rows_to_table(rows), run.classes, name=name))
 
 
@@ -133,14 +140,14 @@ def stage_train_irn(run: Run) -> dict[str, Any]:
     rows = [r for r in _train_rows(run.rows) if r.image_id in mined]
     table = pa.table({"uri": [r.uri for r in rows],
                       "relation_uri": [layout.relation_png(run.root, r.image_id) for r in rows]})
-    key = common.fingerprint({"train_irn": vars(run.cfg.train_irn),
-                              "cam_model": common.file_fingerprint(layout.model_file(run.root, "cam"))})
+    key = common.fingerprint({"train_irn": common.settings(run.cfg.train_irn), "cams": cams_key(run.root)})
     return _train_network(run, "irn", key, lambda name: train_irn(run.cfg, table, name=name))
 
 
 def synthesis_key(run: Run) -> str:
     models = ["cam"] if run.cfg.synthesis.method == "cam" else ["cam", "irn"]
-    return common.fingerprint({"synthesis": vars(run.cfg.synthesis), "classes": run.classes,
+    return common.fingerprint({"synthesis": common.settings(run.cfg.synthesis, inference=True), "classes": run.classes,
+                               "cams": cams_key(run.root),
                                "models": [common.file_fingerprint(layout.model_file(run.root, m)) for m in models]})
 
 
@@ -178,6 +185,8 @@ def stage_synthesis(run: Run) -> dict[str, Any]:
         if labels["pending"]["base"]:
             _copy_version(run.root, latest, version)
     counts = run_synthesis(run.cfg, layout.labels_dir(run.root, version))
+    labels["pending"]["complete"] = True
+    run.state.save()
     return {**counts, "version": version}
 
 
@@ -188,6 +197,8 @@ def stage_coco(run: Run) -> dict[str, Any]:
     pending = labels.get("pending")
     if not pending:
         return {"_skipped": True, "version": latest_version(run.root)}
+    if not pending.get("complete"):
+        raise RuntimeError(f"labels version {pending['name']} is not complete; run the synthesis stage first")
     version = pending["name"]
     summary = export_coco(layout.labels_dir(run.root, version), run.classes)
     # The version is complete: make it the one users see, atomically.
@@ -223,7 +234,7 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
         ids = {r.image_id for r in gt_rows}
         for method in ("cam", "cam_boundary"):
             directory = storage.join(layout.report_dir(run.root), "ablations", f"{method}-{synthesis_key(run)}")
-            run_synthesis(run.cfg, directory, method=method, image_ids=ids)
+            run_synthesis(run.cfg, directory, method=method, image_ids=ids, stage=f"ablation_{method}")
             result["ablations"][method] = evaluate_labels(directory, gt_rows, run.classes, iou_thresholds=thresholds)
     result["cam_classification"] = cam_classification_map(run.root, run.rows, run.classes,
                                                           max_images=run.cfg.eval.max_classification_images)
@@ -250,9 +261,10 @@ def run_label(cfg: Config, *, from_stage: str | None = None, only: list[str] | N
     rows, quarantine, classes = load_manifest(cfg.data.manifest, cfg.data.classes)
     if not classes:
         raise ValueError("no classes: data.classes is empty and no manifest row has a label")
-    if quarantine:
-        name = layout.part_name([q.image_id + q.reason for q in quarantine], prefix="manifest")
-        codecs.write_parquet(storage.join(layout.quarantine_dir(cfg.run.root), name), quarantine_table(quarantine))
+    # The manifest's own quarantine is one shard, rewritten each run: it describes this manifest.
+    manifest_quarantine = storage.join(layout.quarantine_dir(cfg.run.root), "manifest.parquet")
+    if quarantine or storage.exists(manifest_quarantine):
+        codecs.write_parquet(manifest_quarantine, quarantine_table(quarantine))
     codecs.write_parquet(layout.manifest_table(cfg.run.root), rows_to_table(rows))
     state.data["manifest"] = {"uri": cfg.data.manifest, "valid": len(rows), "quarantined": len(quarantine),
                               "classes": classes}

@@ -117,7 +117,8 @@ def read_parquet(uri: str) -> pa.Table:
 
 
 def read_parquet_columns(uri: str, columns: list[str]) -> pa.Table:
-    """Only ``columns`` of the Parquet file at ``uri``."""
+    """Only ``columns`` of the Parquet file at ``uri`` (range reads: other columns are not fetched)."""
     from pipeline.io import storage
 
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+    with storage.open_input(uri) as f:
+        return pq.read_table(f, columns=columns)

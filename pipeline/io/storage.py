@@ -59,6 +59,7 @@ def resolve(uri: str, base_dir: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # other processes (Ray workers) write here: never trust a cached listing
     return fs.exists(path)
 
 
@@ -119,6 +120,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 
 def iter_files(uri: str, suffix: str = "") -> Iterator[str]:
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # see exists()
     if not fs.exists(path):
         return
     local = isinstance(fs, LocalFileSystem)

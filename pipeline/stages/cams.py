@@ -147,8 +147,8 @@ def write_cam_shard(root: str, rows: list[dict[str, Any]]) -> None:
 def stage_key(cfg: Config, classes: list[str]) -> str:
     """What the CAM outputs depend on: the CAM model, the classes and the settings used."""
     return common.fingerprint({"model": common.file_fingerprint(layout.model_file(cfg.run.root, "cam")),
-                               "classes": classes, "cams": vars(cfg.cams), "relations": vars(cfg.relations),
-                               "max_pixels": cfg.data.max_pixels})
+                               "classes": classes, "cams": common.settings(cfg.cams, inference=True),
+                               "relations": common.settings(cfg.relations), "max_pixels": cfg.data.max_pixels})
 
 
 def pending(cfg: Config, table: pa.Table) -> pa.Table:

@@ -57,6 +57,18 @@ def fingerprint(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings that change how a stage runs, not what it computes: left out of the stage keys, so
+# moving a run root to GPUs or changing parallelism does not redo finished work.
+EXECUTION_ONLY = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "num_actors", "cpus_per_actor",
+                  "gpus_per_actor", "cpus_per_task", "max_tasks", "keep_high_res"}
+
+
+def settings(section: Any, *, inference: bool = False) -> dict[str, Any]:
+    """The fields of a config section that determine its outputs (for stage keys)."""
+    drop = EXECUTION_ONLY | ({"batch_size"} if inference else set())
+    return {k: v for k, v in vars(section).items() if k not in drop}
+
+
 def file_fingerprint(uri: str) -> str:
     """Content hash of a (model) file, so retraining invalidates what was computed from it."""
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]

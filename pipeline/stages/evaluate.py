@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 def _predicted_instances(labels_dir: str, image_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
     """Instance rows of ``image_ids`` from the labels' instance shards, grouped by image."""
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    committed = {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(labels_dir, "images"), ".parquet")}
     for uri in storage.list_files(storage.join(labels_dir, "instances"), ".parquet"):
+        if uri.rsplit("/", 1)[-1] not in committed:
+            continue  # left by a batch that died before its images shard: not part of the labels
         for row in codecs.read_parquet(uri).to_pylist():
             if row["image_id"] in image_ids:
                 grouped[row["image_id"]].append(row)

@@ -90,10 +90,11 @@ class Synthesize:
     """Actor: loads IRNet once (not needed for ``cam``); labels a batch of CAM rows and writes it."""
 
     def __init__(self, *, labels_dir: str, root: str, method: str, params: dict[str, Any], max_pixels: int,
-                 gpus: float, model_uri: str | None, depth: int | None):
+                 gpus: float, model_uri: str | None, depth: int | None, stage: str = STAGE):
         from pipeline.models.irnet import build_irnet
 
         self.labels_dir, self.root, self.method, self.max_pixels = labels_dir, root, method, max_pixels
+        self.stage = stage
         self.params = SynthesisConfig(**params)
         self.device = pick_device(gpus)
         self.model = None
@@ -123,7 +124,7 @@ class Synthesize:
                 storage.write_bytes(layout.semantic_png(self.labels_dir, image_id), codecs.encode_semantic_png(semantic))
                 storage.write_bytes(layout.instance_png(self.labels_dir, image_id),
                                     codecs.encode_instance_png(instance_id_map(masks, scores, semantic.shape)))
-            except (ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
                 log.exception("synthesis failed for %s", image_id)
                 reason = err.reason if isinstance(err, ImageDecodeError) else f"{type(err).__name__}: {err}"
                 quarantine.append({"image_id": image_id, "uri": str(row["uri"]), "reason": f"synthesis failed ({reason})"})
@@ -133,7 +134,7 @@ class Synthesize:
             images.append({"image_id": image_id, "uri": str(row["uri"]), "height": semantic.shape[0],
                            "width": semantic.shape[1], "num_instances": len(masks)})
             statuses.append("done")
-        common.write_quarantine(self.root, STAGE, quarantine)
+        common.write_quarantine(self.root, self.stage, quarantine)
         if images:
             ids = [r["image_id"] for r in images]
             # Instances first: an image counts as done only once its images row exists.
@@ -144,13 +145,13 @@ class Synthesize:
         return common.status_batch(statuses)
 
 
-def _read_pending(item: dict[str, Any], *, skip: set[str]) -> list[dict[str, Any]]:
-    """flat_map: the rows of one CAM shard whose image is not labelled yet."""
-    return [row for row in read_cam_rows(item["uri"]) if row["image_id"] not in skip]
+def _read_pending(item: dict[str, Any], *, pending: set[str]) -> list[dict[str, Any]]:
+    """flat_map: the rows of one CAM shard whose image is still to be labelled."""
+    return [row for row in read_cam_rows(item["uri"]) if row["image_id"] in pending]
 
 
 def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
-                  image_ids: set[str] | None = None) -> dict[str, int]:
+                  image_ids: set[str] | None = None, stage: str = STAGE) -> dict[str, int]:
     """Label every CAM row (or only ``image_ids``) not yet in ``labels_dir``; counts by status."""
     import ray.data
 
@@ -158,21 +159,21 @@ def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
     cam_ids = list(common.read_column(layout.cams_dir(cfg.run.root), "image_id"))
     wanted = set(cam_ids) if image_ids is None else set(cam_ids) & set(image_ids)
     done = set(common.read_column(storage.join(labels_dir, "images"), "image_id"))
-    pending = wanted - done - common.quarantined_ids(cfg.run.root, STAGE)
+    pending = wanted - done - common.quarantined_ids(cfg.run.root, stage)
     if not pending:
         return {"skipped": len(wanted)}
     shards = storage.list_files(layout.cams_dir(cfg.run.root), ".parquet")
     section = cfg.synthesis
     irn_meta = None if method == "cam" else json.loads(storage.read_text(layout.model_file(cfg.run.root, "irn") + ".json"))
     ds = ray.data.from_items([{"uri": uri} for uri in shards]).flat_map(
-        _read_pending, fn_kwargs={"skip": set(cam_ids) - pending}, num_cpus=0.25,
+        _read_pending, fn_kwargs={"pending": pending}, num_cpus=0.25,
     ).map_batches(
         Synthesize, batch_size=section.batch_size, batch_format="numpy",
         fn_constructor_kwargs={
             "labels_dir": labels_dir, "root": cfg.run.root, "method": method, "params": vars(section),
             "max_pixels": cfg.data.max_pixels, "gpus": section.gpus_per_actor,
             "model_uri": None if method == "cam" else layout.model_file(cfg.run.root, "irn"),
-            "depth": None if irn_meta is None else irn_meta["config"]["depth"]},
+            "depth": None if irn_meta is None else irn_meta["config"]["depth"], "stage": stage},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
         num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor)
     counts = common.summarise(ds)
