@@ -62,6 +62,7 @@ class CamTrainBatch:
 def train_cam_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train per-worker loop. ``config``: the ``train_cam`` section plus num_classes, max_step."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(config["seed"])  # same initial weights on every rank and every run
     model = build_cam_net(num_classes=config["num_classes"], depth=config["depth"],
                           backbone_init=backbone_source(config["backbone_init"]),
                           from_scratch=config["from_scratch"])
@@ -100,7 +101,7 @@ def train_cam(cfg: Config, table: pa.Table, classes: list[str], *, name: str = "
     max_step = section.epochs * common.steps_per_epoch(table.num_rows, section.batch_size, section.num_workers)
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
-    loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step}
+    loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step, "seed": cfg.run.seed}
     result = common.run_trainer(
         train_cam_loop, loop_config, {"train": cam_train_dataset(table, classes, cfg)}, root=cfg.run.root,
         name=name, num_workers=section.num_workers, use_gpu=section.use_gpu,

@@ -105,7 +105,8 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         model.train()
         losses = []
         for batch in shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
-                                              local_shuffle_buffer_size=4 * per_worker_batch):
+                                              local_shuffle_buffer_size=4 * per_worker_batch,
+                                              local_shuffle_seed=config["seed"] + 1000 * epoch + rank):
             if step >= max_step:
                 break
             if device.type == "cuda":

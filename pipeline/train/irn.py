@@ -36,9 +36,10 @@ class IrnTrainBatch:
     for measuring the mean displacement.
     """
 
-    def __init__(self, *, rescale: list[float], crop: int, max_pixels: int, augment: bool = True):
+    def __init__(self, *, rescale: list[float], crop: int, max_pixels: int, augment: bool = True,
+                 seed: int | None = None):
         self.rescale, self.crop, self.max_pixels, self.augment = tuple(rescale), crop, max_pixels, augment
-        self.rng = np.random.default_rng()
+        self.rng = np.random.default_rng(seed)
 
     def _plain(self, image: np.ndarray, relation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         norm = normalize(image[: self.crop, : self.crop])
@@ -105,6 +106,7 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(config["seed"])  # same initial branch weights on every rank and every run
     if config["backbone_init"] == "cam":
         model = build_irnet(depth=config["depth"], cam_state_dict=common.load_exported(config["cam_model_uri"]))
     else:
@@ -139,7 +141,8 @@ def irn_train_datasets(table: pa.Table, cfg: Config) -> dict:
     # 0.25 CPU per decode actor: with the trainer's CPU, both datasets' pools fit on 2 cores.
     kwargs = {"batch_size": 8, "batch_format": "numpy", "num_cpus": 0.25,
               "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=2)}
-    common_args = {"rescale": section.rescale, "crop": section.crop_size, "max_pixels": cfg.data.max_pixels}
+    common_args = {"rescale": section.rescale, "crop": section.crop_size, "max_pixels": cfg.data.max_pixels,
+                   "seed": cfg.run.seed}
     return {
         "train": source.randomize_block_order(seed=cfg.run.seed).map_batches(
             IrnTrainBatch, fn_constructor_kwargs={**common_args, "augment": True}, **kwargs),
@@ -154,7 +157,8 @@ def train_irn(cfg: Config, table: pa.Table, *, name: str = "irn") -> dict[str, A
     max_step = section.epochs * common.steps_per_epoch(table.num_rows, section.batch_size, section.num_workers)
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
-    loop_config = {**vars(section), "max_step": max_step, "cam_model_uri": layout.model_file(cfg.run.root, "cam")}
+    loop_config = {**vars(section), "max_step": max_step, "seed": cfg.run.seed,
+                   "cam_model_uri": layout.model_file(cfg.run.root, "cam")}
     result = common.run_trainer(
         train_irn_loop, loop_config, irn_train_datasets(table, cfg), root=cfg.run.root, name=name,
         num_workers=section.num_workers, use_gpu=section.use_gpu,
