@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray per test session (started only when a test asks for it)."""
+"""Shared fixture: one local Ray per test session (started only when a test asks for it)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,3 @@ def ray_session():
     init_ray(from_dict({"ray": {"address": "local", "num_cpus": 2}}))
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def synthetic_set(tmp_path_factory):
-    """A small synthetic set (24 images, 4 classes) shared by the tests; returns the manifest URI."""
-    from pipeline.data.synthetic import write_synthetic_set
-
-    out = tmp_path_factory.mktemp("synthetic")
-    return write_synthetic_set(str(out), num_images=24, seed=7, num_classes=4, min_size=64, max_size=96)
