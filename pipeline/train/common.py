@@ -167,15 +167,22 @@ def run_trainer(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], da
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage_path = storage.join(root, "models")
+    storage_path, storage_filesystem = storage.join(root, "models"), None
     if storage.is_local(storage_path):
         storage_path = os.path.abspath(storage_path)
         os.makedirs(storage_path, exist_ok=True)
+    else:
+        # Checkpoints go through the same fsspec filesystem as every other output (one storage
+        # stack, one credential chain), wrapped for Ray Train's pyarrow interface.
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, storage_path = storage.filesystem(storage_path)
+        storage_filesystem = PyFileSystem(FSSpecHandler(fs))
     resources = {"CPU": cpus_per_worker}
     trainer = TorchTrainer(
         train_fn, train_loop_config=loop_config, datasets=datasets,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
