@@ -7,7 +7,6 @@ import logging
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +16,7 @@ from pipeline.io import codecs, layout, storage
 from pipeline.report import overlay_previews, render_report, write_report
 from pipeline.stages import common
 from pipeline.stages.cams import read_cam_rows
-from pipeline.train.common import load_exported
+from pipeline.train.common import load_trained
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +34,13 @@ def _cam_rows(root: str, image_ids: set[str]) -> dict[str, dict[str, Any]]:
 
 def make_previews(run, version: str, count: int) -> list[dict[str, Any]]:
     """Preview panels for the first ``count`` labelled images (sorted by id)."""
-    from pipeline.models.irnet import build_irnet
-
     labels_dir = layout.labels_dir(run.root, version)
     labelled = sorted(common.read_column(storage.join(labels_dir, "images"), "image_id"))[:count]
     if not labelled:
         return []
     by_id = {r.image_id: r for r in run.rows}
     cams = _cam_rows(run.root, set(labelled))
-    irn = None
-    if storage.exists(layout.model_file(run.root, "irn")):
-        meta = json.loads(storage.read_text(layout.model_file(run.root, "irn") + ".json"))
-        irn = build_irnet(depth=meta["config"]["depth"], state_dict=load_exported(layout.model_file(run.root, "irn"))).eval()
+    irn = load_trained(run.root, "irn") if storage.exists(layout.model_file(run.root, "irn")) else None
     previews = []
     for image_id in labelled:
         row = by_id.get(image_id)

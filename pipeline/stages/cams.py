@@ -8,14 +8,12 @@ rows of stage ``cams``; an image is done when its CAM row exists or it is quaran
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from pipeline.algorithms.cams import make_cams
 from pipeline.algorithms.relations import mine_relations
@@ -24,7 +22,7 @@ from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.transforms import normalize, resize_image, scaled_size
 from pipeline.io import codecs, layout, storage
 from pipeline.stages import common
-from pipeline.train.common import load_exported
+from pipeline.train.common import load_trained
 
 log = logging.getLogger(__name__)
 STAGE = "cams"
@@ -52,13 +50,9 @@ def multiscale_cams(model: torch.nn.Module, image: np.ndarray, class_ids: list[i
 class CamInference:
     """Actor: loads the CAM network once; maps manifest rows to CAMs (or a decode error)."""
 
-    def __init__(self, *, model_uri: str, num_classes: int, depth: int, scales: list[float],
-                 max_pixels: int, gpus: float):
-        from pipeline.models.cam_net import build_cam_net
-
+    def __init__(self, *, root: str, num_classes: int, scales: list[float], max_pixels: int, gpus: float):
         self.device = pick_device(gpus)
-        self.model = build_cam_net(num_classes=num_classes, depth=depth,
-                                   state_dict=load_exported(model_uri)).to(self.device).eval()
+        self.model = load_trained(root, "cam", num_classes=num_classes).to(self.device)
         self.scales, self.max_pixels = scales, max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -171,13 +165,12 @@ def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]
     class_ids = [sorted(index[n] for n in labels) for labels in todo.column("labels").to_pylist()]
     source = pa.table({"image_id": todo.column("image_id"), "uri": todo.column("uri"),
                        "class_ids": pa.array(class_ids, pa.list_(pa.int32()))})
-    cam_cfg, meta = cfg.cams, _cam_model_meta(cfg)
+    cam_cfg = cfg.cams
     relation_params = {"fg_threshold": cfg.relations.fg_threshold, "bg_threshold": cfg.relations.bg_threshold,
                        **{k.removeprefix("crf_"): v for k, v in vars(cfg.relations).items() if k.startswith("crf_")}}
     ds = common.blocks(source, rows_per_block=max(4, cam_cfg.batch_size)).map_batches(
         CamInference, batch_size=cam_cfg.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model_uri": layout.model_file(cfg.run.root, "cam"), "num_classes": len(classes),
-                               "depth": meta["config"]["depth"], "scales": cam_cfg.scales,
+        fn_constructor_kwargs={"root": cfg.run.root, "num_classes": len(classes), "scales": cam_cfg.scales,
                                "max_pixels": cfg.data.max_pixels, "gpus": cam_cfg.gpus_per_actor},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cam_cfg.num_actors),
         num_cpus=cam_cfg.cpus_per_actor, num_gpus=cam_cfg.gpus_per_actor,
@@ -190,9 +183,6 @@ def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]
     counts["skipped"] = table.num_rows - todo.num_rows
     return counts
 
-
-def _cam_model_meta(cfg: Config) -> dict[str, Any]:
-    return json.loads(storage.read_text(layout.model_file(cfg.run.root, "cam") + ".json"))
 
 
 def read_cam_rows(uri: str) -> list[dict[str, Any]]:

@@ -99,20 +99,15 @@ def evaluate_labels(labels_dir: str, rows: list[ManifestRow], classes: list[str]
 
 def cam_classification_map(root: str, rows: list[ManifestRow], classes: list[str], *, max_images: int) -> dict[str, Any] | None:
     """Classification mAP of the trained CAM network on held-out (split 'val') images, or None."""
-    import json
-
     from pipeline.algorithms.metrics import classification_map
     from pipeline.data.images import ImageDecodeError, decode_image
-    from pipeline.models.cam_net import build_cam_net
     from pipeline.train.cam import multi_hot, predict_scores
-    from pipeline.train.common import load_exported
+    from pipeline.train.common import load_trained
 
     held_out = [r for r in rows if r.split == "val"][:max_images]
     if not held_out:
         return None
-    meta = json.loads(storage.read_text(layout.model_file(root, "cam") + ".json"))
-    net = build_cam_net(num_classes=len(classes), depth=meta["config"]["depth"],
-                        state_dict=load_exported(layout.model_file(root, "cam")))
+    net = load_trained(root, "cam", num_classes=len(classes))
     images, targets = [], []
     for row in held_out:
         try:

@@ -9,7 +9,6 @@ listed there). Methods: ``irnet`` (the paper), ``cam_boundary`` (no displacement
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -25,7 +24,7 @@ from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage
 from pipeline.stages import common
 from pipeline.stages.cams import pick_device, read_cam_rows
-from pipeline.train.common import load_exported
+from pipeline.train.common import load_trained
 
 log = logging.getLogger(__name__)
 STAGE = "synthesis"
@@ -90,16 +89,14 @@ class Synthesize:
     """Actor: loads IRNet once (not needed for ``cam``); labels a batch of CAM rows and writes it."""
 
     def __init__(self, *, labels_dir: str, root: str, method: str, params: dict[str, Any], max_pixels: int,
-                 gpus: float, model_uri: str | None, depth: int | None, stage: str = STAGE):
-        from pipeline.models.irnet import build_irnet
-
+                 gpus: float, stage: str = STAGE):
         self.labels_dir, self.root, self.method, self.max_pixels = labels_dir, root, method, max_pixels
         self.stage = stage
         self.params = SynthesisConfig(**params)
         self.device = pick_device(gpus)
         self.model = None
         if method != "cam":
-            self.model = build_irnet(depth=depth, state_dict=load_exported(model_uri)).to(self.device).eval()
+            self.model = load_trained(root, "irn").to(self.device)
 
     def label_one(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         size = (int(row["height"]), int(row["width"]))
@@ -164,16 +161,13 @@ def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
         return {"skipped": len(wanted)}
     shards = storage.list_files(layout.cams_dir(cfg.run.root), ".parquet")
     section = cfg.synthesis
-    irn_meta = None if method == "cam" else json.loads(storage.read_text(layout.model_file(cfg.run.root, "irn") + ".json"))
     ds = ray.data.from_items([{"uri": uri} for uri in shards]).flat_map(
         _read_pending, fn_kwargs={"pending": pending}, num_cpus=0.25,
     ).map_batches(
         Synthesize, batch_size=section.batch_size, batch_format="numpy",
         fn_constructor_kwargs={
             "labels_dir": labels_dir, "root": cfg.run.root, "method": method, "params": vars(section),
-            "max_pixels": cfg.data.max_pixels, "gpus": section.gpus_per_actor,
-            "model_uri": None if method == "cam" else layout.model_file(cfg.run.root, "irn"),
-            "depth": None if irn_meta is None else irn_meta["config"]["depth"], "stage": stage},
+            "max_pixels": cfg.data.max_pixels, "gpus": section.gpus_per_actor, "stage": stage},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
         num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor)
     counts = common.summarise(ds)

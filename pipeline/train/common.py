@@ -209,3 +209,19 @@ def load_exported(uri: str) -> dict[str, torch.Tensor]:
     """A state dict written by :func:`export_model` (weights only: no code is unpickled)."""
     with storage.open_input(uri) as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+
+
+def load_trained(root: str, network: str, *, num_classes: int | None = None) -> torch.nn.Module:
+    """The exported ``network`` ('cam' or 'irn') of a run root, built at its trained depth, in eval mode.
+
+    ``num_classes`` is needed for the CAM network. IRNet comes with its stored mean displacement.
+    """
+    from pipeline.io import layout
+    from pipeline.models.cam_net import build_cam_net
+    from pipeline.models.irnet import build_irnet
+
+    uri = layout.model_file(root, network)
+    depth = json.loads(storage.read_text(uri + ".json"))["config"]["depth"]
+    if network == "cam":
+        return build_cam_net(num_classes=num_classes, depth=depth, state_dict=load_exported(uri)).eval()
+    return build_irnet(depth=depth, state_dict=load_exported(uri)).eval()
