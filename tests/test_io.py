@@ -37,6 +37,14 @@ def test_list_files_hides_in_flight_temporaries(tmp_path):
     assert storage.list_files(str(tmp_path / "missing")) == []
 
 
+def test_leftover_temporaries_of_killed_writers_are_removed(tmp_path):
+    storage.write_text(str(tmp_path / "done.txt"), "kept")
+    (tmp_path / ".tmp-0123-part.parquet").write_bytes(b"half")  # a writer killed before its rename
+    assert storage.remove_temp_files(str(tmp_path)) == 1
+    assert os.listdir(tmp_path) == ["done.txt"]
+    assert storage.remove_temp_files(str(tmp_path / "missing")) == 0
+
+
 def test_uri_helpers():
     assert storage.join("s3://bkt/run", "labels", "v1") == "s3://bkt/run/labels/v1"
     assert storage.resolve("img/a.png", "s3://bkt/data") == "s3://bkt/data/img/a.png"

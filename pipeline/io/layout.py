@@ -25,8 +25,12 @@ def cams_dir(root: str) -> str:
     return join(root, "cams")
 
 
+def relations_dir(root: str) -> str:
+    return join(root, "relations")
+
+
 def relation_png(root: str, image_id: str) -> str:
-    return join(root, "relations", f"{image_id}.png")
+    return join(relations_dir(root), f"{image_id}.png")
 
 
 def high_res_cams_dir(root: str) -> str:

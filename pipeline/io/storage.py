@@ -132,6 +132,23 @@ def iter_files(uri: str, suffix: str = "") -> Iterator[str]:
         yield name if local else fs.unstrip_protocol(name)
 
 
+def remove_temp_files(directory: str) -> int:
+    """Delete temporary files that killed writers left in ``directory`` (local only); their count.
+
+    Call only when no writer of that directory is running (a stage calls it once it is complete).
+    """
+    fs, path = filesystem(directory)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return 0
+    stale = [entry.path for entry in os.scandir(path) if entry.name.startswith(".tmp-") and entry.is_file()]
+    for name in stale:
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+    return len(stale)
+
+
 def open_input(uri: str) -> io.BufferedIOBase:
     """A readable binary file object (for streaming readers such as torch.load)."""
     fs, path = filesystem(uri)

@@ -180,6 +180,9 @@ def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]
                                "keep_high_res": cam_cfg.keep_high_res},
         compute=ray.data.TaskPoolStrategy(size=cfg.relations.max_tasks), num_cpus=cfg.relations.cpus_per_task)
     counts = common.summarise(ds)
+    root = cfg.run.root
+    common.finish_stage(layout.cams_dir(root), layout.relations_dir(root), layout.high_res_cams_dir(root),
+                        layout.quarantine_dir(root))
     counts["skipped"] = table.num_rows - todo.num_rows
     return counts
 

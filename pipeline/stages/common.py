@@ -94,5 +94,12 @@ def summarise(ds) -> dict[str, int]:
     return counts
 
 
+def finish_stage(*directories: str) -> None:
+    """After a stage's dataset completed: drop temporary files left by workers killed mid-write."""
+    removed = sum(storage.remove_temp_files(d) for d in directories)
+    if removed:
+        log.warning("removed %d temporary files left by interrupted writers", removed)
+
+
 def status_batch(statuses: list[str]) -> dict[str, np.ndarray]:
     return {"status": np.array(statuses, dtype=object)}

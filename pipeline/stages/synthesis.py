@@ -171,5 +171,7 @@ def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
         num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor)
     counts = common.summarise(ds)
+    common.finish_stage(*(storage.join(labels_dir, sub) for sub in ("semantic", "instance", "instances", "images")),
+                        layout.quarantine_dir(cfg.run.root))
     counts["skipped"] = len(wanted) - len(pending)
     return counts

@@ -1,0 +1,95 @@
+"""Helpers for the tests that start real servers and processes on this machine (loopback only)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, *, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Block until something accepts connections on 127.0.0.1:``port``; fail if ``process`` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"process exited with {process.returncode} before port {port} opened:\n{output}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def copy_models(source_root: str, target_root: str) -> None:
+    """Put the exported networks of one run root into another (to relabel with the same models)."""
+    from pipeline.io import layout, storage
+
+    for network in ("cam", "irn"):
+        for suffix in ("", ".json"):
+            storage.copy(layout.model_file(source_root, network) + suffix,
+                         layout.model_file(target_root, network) + suffix)
+
+
+def label_outputs(root: str) -> dict[str, dict]:
+    """Every per-image output of a run root's latest labels, by image id, for comparing runs.
+
+    Checks on the way that each image has exactly one CAM row and one labels row (none missing,
+    none duplicated) and that every file decodes (none half-written).
+    """
+    import json
+
+    import numpy as np
+
+    from pipeline.io import codecs, layout, storage
+    from pipeline.stages.cams import read_cam_rows
+
+    version = storage.read_text(layout.latest_pointer(root)).strip()
+    labels = layout.labels_dir(root, version)
+    outputs: dict[str, dict] = {}
+    for uri in storage.list_files(layout.cams_dir(root), ".parquet"):
+        for row in read_cam_rows(uri):
+            assert row["image_id"] not in outputs, f"{row['image_id']} has two CAM rows"
+            outputs[row["image_id"]] = {"cams": row["cams"], "class_ids": row["class_ids"]}
+    listed = [i for uri in storage.list_files(storage.join(labels, "images"), ".parquet")
+              for i in codecs.read_parquet(uri).column("image_id").to_pylist()]
+    assert len(listed) == len(set(listed)), "an image is listed twice in labels/images"
+    assert sorted(listed) == sorted(outputs), "labelled images differ from the images with CAMs"
+    instances: dict[str, list] = {}
+    for uri in storage.list_files(storage.join(labels, "instances"), ".parquet"):
+        for row in codecs.read_parquet(uri).to_pylist():
+            instances.setdefault(row["image_id"], []).append(row)
+    for image_id, out in outputs.items():
+        out["relations"] = codecs.decode_label_png(storage.read_bytes(layout.relation_png(root, image_id)))
+        out["semantic"] = codecs.decode_label_png(storage.read_bytes(layout.semantic_png(labels, image_id)))
+        out["instance"] = codecs.decode_label_png(storage.read_bytes(layout.instance_png(labels, image_id)))
+        rows = sorted(instances.get(image_id, []), key=lambda r: r["instance_id"])
+        assert [r["instance_id"] for r in rows] == list(range(1, len(rows) + 1)), f"{image_id}: instance rows"
+        # Ids in the PNG are instance rows (an instance may be hidden under higher-scoring ones).
+        assert set(np.unique(out["instance"]).tolist()) - {0} <= {r["instance_id"] for r in rows}, image_id
+        out["instances"] = [(r["class_id"], round(r["score"], 5), r["rle_counts"]) for r in rows]
+    coco = json.loads(storage.read_text(storage.join(labels, "coco.json")))
+    assert sorted(image["file_name"] for image in coco["images"]) == sorted(outputs)
+    return outputs
+
+
+def assert_same_outputs(actual: dict[str, dict], expected: dict[str, dict]) -> None:
+    """Two runs' :func:`label_outputs` are identical, image by image and array by array."""
+    import numpy as np
+
+    assert sorted(actual) == sorted(expected)
+    for image_id, want in expected.items():
+        got = actual[image_id]
+        for key, value in want.items():
+            if isinstance(value, np.ndarray):
+                assert np.array_equal(got[key], value), f"{image_id}: {key} differs"
+            else:
+                assert got[key] == value, f"{image_id}: {key} differs"

@@ -1,0 +1,131 @@
+"""Interruption: jobs.label killed mid-stage (SIGKILL, SIGTERM) resumes and ends like an uninterrupted run.
+
+An uninterrupted reference run trains the networks and labels the set. Each interrupted run starts
+from the same exported networks (``run.retrain=never``), so every later stage must reproduce the
+reference exactly; the job runs in its own process group with its own embedded Ray, and the
+whole group is killed, as when a machine or a scheduler stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import label
+from pipeline.data.synthetic import write_synthetic_set
+from pipeline.io import layout, storage
+from support import assert_same_outputs, copy_models, label_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_IMAGES = 16
+pytestmark = pytest.mark.slow
+
+
+def _overrides(manifest: str, root: str) -> list[str]:
+    # One CRF task and one synthesis actor at a time: shards appear one after another.
+    return ["--config", "configs/tiny.yaml", "--set", f"data.manifest={manifest}", "--set", f"run.root={root}",
+            "--set", "relations.max_tasks=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("interrupt")
+    manifest = write_synthetic_set(str(tmp / "data"), num_images=NUM_IMAGES, seed=3, num_classes=4,
+                                   min_size=72, max_size=96)
+    root = str(tmp / "reference")
+    label.main(_overrides(manifest, root))
+    return {"tmp": tmp, "manifest": manifest, "root": root, "outputs": label_outputs(root)}
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "jobs.label", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _interrupt_when(job: subprocess.Popen, directory: str, sig: signal.Signals, timeout: float = 300) -> dict[str, int]:
+    """Send ``sig`` to the job once ``directory`` holds its first shard; return the shards then present."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        shards = storage.list_files(directory, ".parquet")
+        if shards:
+            break
+        assert job.poll() is None, f"job ended before it was interrupted:\n{job.stdout.read()[-3000:]}"
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"no shard in {directory} after {timeout} s")
+    if sig == signal.SIGKILL:
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and its whole embedded Ray, at once
+    else:
+        job.send_signal(sig)  # the driver only, as `kill` or a scheduler would
+    present = {uri: os.stat(uri).st_mtime_ns for uri in storage.list_files(directory, ".parquet")}
+    try:
+        job.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)  # whatever the driver left behind
+        except ProcessLookupError:
+            pass
+    assert job.returncode != 0, "the job finished before the signal reached it"
+    return present
+
+
+def _finish(args: list[str], root: str) -> dict:
+    """Rerun the job to completion; its run.json."""
+    done = _start(args)
+    output, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, output[-4000:]
+    return json.loads(storage.read_text(layout.run_json(root)))
+
+
+def test_sigkill_during_crf_mining_resumes_without_redoing_shards(reference):
+    root = str(reference["tmp"] / "killed")
+    copy_models(reference["root"], root)
+    args = _overrides(reference["manifest"], root) + ["--set", "run.retrain=never"]
+    before = _interrupt_when(_start(args), layout.cams_dir(root), signal.SIGKILL)
+    state = _finish(args, root)
+
+    counts = state["stages"]["cams"]["counts"]
+    assert 0 < counts["skipped"] < NUM_IMAGES, counts  # resumed mid-stage
+    assert counts["skipped"] + counts["done"] == NUM_IMAGES
+    for uri, mtime in before.items():  # shards finished before the kill were not redone
+        assert os.stat(uri).st_mtime_ns == mtime, uri
+    assert_same_outputs(label_outputs(root), reference["outputs"])
+
+
+def test_sigterm_during_synthesis_resumes_the_same_labels_version(reference):
+    root = str(reference["tmp"] / "terminated")
+    copy_models(reference["root"], root)
+    args = _overrides(reference["manifest"], root) + ["--set", "run.retrain=never"]
+    job = _start(args)
+    # The labels version directory appears when synthesis starts; then wait for its first shard.
+    deadline = time.time() + 300
+    while not _versions(root) and time.time() < deadline:
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        time.sleep(0.05)
+    version = _versions(root)[0]
+    before = _interrupt_when(job, storage.join(layout.labels_dir(root, version), "images"), signal.SIGTERM)
+    pending = json.loads(storage.read_text(layout.run_json(root)))["labels"]["pending"]
+    assert pending["name"] == version and not pending.get("complete")
+    assert not storage.exists(layout.latest_pointer(root))  # nothing half-done is published
+
+    state = _finish(args, root)
+    counts = state["stages"]["synthesis"]["counts"]
+    assert counts["version"] == version  # the interrupted version was resumed, not restarted
+    assert 0 < counts["skipped"] < NUM_IMAGES and counts["skipped"] + counts["done"] == NUM_IMAGES, counts
+    for uri, mtime in before.items():
+        assert os.stat(uri).st_mtime_ns == mtime, uri
+    assert_same_outputs(label_outputs(root), reference["outputs"])
+
+
+def _versions(root: str) -> list[str]:
+    directory = layout.labels_root(root)
+    return sorted(name for name in os.listdir(directory) if name.startswith("v")) if os.path.isdir(directory) else []
