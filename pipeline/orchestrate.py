@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from pipeline.config import Config
 from pipeline.data.manifest import ManifestRow, load_manifest, quarantine_table, rows_to_table
 from pipeline.io import codecs, layout, storage
@@ -40,7 +42,8 @@ def init_ray(cfg: Config) -> None:
     if address == "auto-local":
         address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
-        # Embedded: dashboard off, nothing listens beyond loopback; workers import this checkout.
+        # Embedded: no dashboard or job server (Ray's own ports still listen on all interfaces, see
+        # README Security); workers import this checkout.
         project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
@@ -132,8 +135,6 @@ def stage_cams(run: Run) -> dict[str, Any]:
 
 
 def stage_train_irn(run: Run) -> dict[str, Any]:
-    import pyarrow as pa
-
     from pipeline.train.irn import train_irn
 
     mined = set(common.read_column(layout.cams_dir(run.root), "image_id"))
@@ -156,18 +157,38 @@ def latest_version(root: str) -> str | None:
     return storage.read_text(pointer).strip() if storage.exists(pointer) else None
 
 
-def _copy_version(root: str, source: str, target: str) -> None:
-    """Copy a complete labels version's per-image outputs into a new version (server-side on S3)."""
+def _copy_version(root: str, source: str, target: str, keep: set[str]) -> None:
+    """Copy a complete labels version's outputs for the images in ``keep`` into a new version.
+
+    Files of kept images are copied whole (server-side on S3); shards that also list images no
+    longer in the manifest are rewritten without them.
+    """
     src, dst = layout.labels_dir(root, source), layout.labels_dir(root, target)
-    for sub in ("semantic", "instance", "instances", "images"):
-        for uri in storage.list_files(storage.join(src, sub)):
-            storage.copy(uri, storage.join(dst, sub, uri.rsplit("/", 1)[-1]))
+    for sub in ("semantic", "instance"):
+        for uri in storage.list_files(storage.join(src, sub), ".png"):
+            name = uri.rsplit("/", 1)[-1]
+            if name.removesuffix(".png") in keep:
+                storage.copy(uri, storage.join(dst, sub, name))
+    for sub in ("instances", "images"):
+        for uri in storage.list_files(storage.join(src, sub), ".parquet"):
+            target_uri = storage.join(dst, sub, uri.rsplit("/", 1)[-1])
+            ids = codecs.read_parquet_columns(uri, ["image_id"]).column("image_id").to_pylist()
+            kept = [image_id in keep for image_id in ids]
+            if all(kept):
+                storage.copy(uri, target_uri)
+            elif any(kept):
+                table = codecs.read_parquet(uri)
+                codecs.write_parquet(target_uri, table.filter(pa.array(kept, pa.bool_())))
 
 
 def stage_synthesis(run: Run) -> dict[str, Any]:
+    """Label the manifest's images into a labels version: the current one if it is complete and
+    holds exactly this manifest's images, else a new one (a copy of the previous version's images
+    that are still in the manifest, plus the rest)."""
     from pipeline.stages.synthesis import run_synthesis
 
     key, labels = synthesis_key(run), run.state.labels
+    ids = {r.image_id for r in run.rows}
     latest, pending = latest_version(run.root), labels.get("pending")
     forced = "synthesis" in run.force
     if pending and pending["key"] == key and not forced:
@@ -176,15 +197,15 @@ def stage_synthesis(run: Run) -> dict[str, Any]:
         latest_key = labels["versions"].get(latest, {}).get("key") if latest else None
         if latest and latest_key == key and not forced:
             labelled = set(common.read_column(storage.join(layout.labels_dir(run.root, latest), "images"), "image_id"))
-            mined = set(common.read_column(layout.cams_dir(run.root), "image_id"))
-            if not (mined - labelled - common.quarantined_ids(run.root, "synthesis")):
+            mined = set(common.read_column(layout.cams_dir(run.root), "image_id")) & ids
+            if not (mined - labelled - common.quarantined_ids(run.root, "synthesis")) and labelled <= ids:
                 return {"_skipped": True, "version": latest, "images": len(labelled)}
         version = time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime())
         labels["pending"] = {"name": version, "key": key, "base": latest if latest_key == key and not forced else None}
         run.state.save()
         if labels["pending"]["base"]:
-            _copy_version(run.root, latest, version)
-    counts = run_synthesis(run.cfg, layout.labels_dir(run.root, version))
+            _copy_version(run.root, latest, version, ids)
+    counts = run_synthesis(run.cfg, layout.labels_dir(run.root, version), image_ids=ids)
     labels["pending"]["complete"] = True
     run.state.save()
     return {**counts, "version": version}

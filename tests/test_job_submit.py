@@ -53,10 +53,14 @@ def ray_head():
     finally:
         head.send_signal(signal.SIGTERM)  # --block: the head shuts down every process it started
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of this head (its own process group) still up
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -1,14 +1,20 @@
 """End to end: jobs.label on a tiny synthetic set (tiny backbone, few steps) on local Ray.
 
 One labelled run (module fixture) is inspected by several tests: every output of DESIGN §3, the
-quarantine of broken inputs, the COCO export, the stage's labels against a direct call of the
+quarantine of hostile inputs (broken and oversized files, unsafe and duplicate ids, malformed
+rows), re-encoded copies of good images labelled exactly like their originals, nothing written
+outside the run root, the COCO export, the stage's labels against a direct call of the
 algorithms, the report, a rerun that does no work, and a grown manifest.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import struct
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +24,7 @@ from PIL import Image
 
 from jobs import label
 from pipeline.algorithms import synthesis as algo
+from pipeline.config import DataConfig
 from pipeline.data.images import decode_image
 from pipeline.data.synthetic import write_synthetic_set
 from pipeline.data.transforms import normalize
@@ -27,7 +34,19 @@ from pipeline.train.common import load_exported
 
 pytestmark = pytest.mark.slow
 CLASSES = ["cross", "diamond", "disc", "square"]
-BROKEN = {"broken-empty": "empty file", "broken-truncated": "truncated", "broken-missing": "not found"}
+GOOD = [f"syn-{i:06d}" for i in range(10)]
+# Files that cannot be labelled: image_id -> (file name, words of its quarantine reason, stage cams).
+BROKEN = {"broken-empty": ("broken-empty.png", "empty file"),
+          "broken-truncated-png": ("broken-truncated.png", "truncated"),
+          "broken-truncated-jpeg": ("broken-truncated.jpg", "truncated"),
+          "broken-text": ("broken-text.jpg", "not a recognised image format"),
+          "broken-bomb": ("broken-bomb.png", "over the limit of 40000000 (data.max_pixels)"),
+          "broken-missing": ("broken-missing.png", "not found")}
+# Good images re-encoded without changing a pixel: image_id -> (original id, file name).
+CONVERTED = {"exif-syn-000003": ("syn-000003", "exif-syn-000003.png"),  # stored sideways, EXIF turns it
+             "rgba-syn-000004": ("syn-000004", "rgba-syn-000004.png"),  # alpha 255 everywhere
+             "rgb16-syn-000006": ("syn-000006", "rgb16-syn-000006.png")}  # 16 bits per channel, v * 257
+CMYK = {"cmyk-syn-000007": ("syn-000007", "cmyk-syn-000007.jpg")}  # CMYK -> RGB is not exact
 
 
 def tiny_config(tmp: str, manifest: str) -> list[str]:
@@ -40,51 +59,159 @@ def tiny_config(tmp: str, manifest: str) -> list[str]:
             "eval.num_previews=2"]
 
 
-def _manifest_with_broken_rows(data: str, count: int) -> str:
-    """The synthetic manifest plus broken images and bad rows, as JSON Lines."""
-    base = write_synthetic_set(data, num_images=count, seed=11, num_classes=4, min_size=64, max_size=80)
-    records = codecs.read_parquet(base).to_pylist()
-    open(os.path.join(data, "images", "broken-empty.png"), "wb").close()
-    good = storage.read_bytes(os.path.join(data, "images", "syn-000001.png"))
-    storage.write_bytes(os.path.join(data, "images", "broken-truncated.png"), good[: len(good) // 2])
-    for image_id in BROKEN:
-        records.append({"image_id": image_id, "uri": f"images/{image_id}.png", "labels": ["disc"]})
-    records.append({"image_id": "../escape", "uri": "images/syn-000002.png", "labels": ["disc"]})
-    records.append({"image_id": "unicorn-1", "uri": "images/syn-000002.png", "labels": ["unicorn"]})
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _png(width: int, height: int, bit_depth: int, scanlines: bytes) -> bytes:
+    """An RGB PNG (colour type 2) written chunk by chunk: Pillow cannot write 16-bit RGB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+            + chunk(b"IEND", b""))
+
+
+def rgb16_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> 16-bit-per-channel PNG holding v * 257 (its top byte is v)."""
+    wide = image.astype(">u2") * 257
+    return _png(image.shape[1], image.shape[0], 16, b"".join(b"\x00" + row.tobytes() for row in wide))
+
+
+def exif_rotated_png(image: np.ndarray) -> bytes:
+    """The pixels turned 90° counter-clockwise, tagged EXIF Orientation 6 (turn clockwise to view)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(Image.fromarray(np.ascontiguousarray(np.rot90(image))), "PNG", exif=exif)
+
+
+def opaque_rgba_png(image: np.ndarray) -> bytes:
+    """RGBA with alpha 255 everywhere: compositing over black leaves every pixel as it was."""
+    return _encode(Image.fromarray(np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])), "PNG")
+
+
+def cmyk_jpeg(image: np.ndarray) -> bytes:
+    return _encode(Image.fromarray(image).convert("CMYK"), "JPEG", quality=95)
+
+
+def _converted_files(image_of) -> dict[str, bytes]:
+    """File name -> bytes of every re-encoded copy; ``image_of(id)`` gives an original's pixels."""
+    encoders = {"exif-syn-000003": exif_rotated_png, "rgba-syn-000004": opaque_rgba_png,
+                "rgb16-syn-000006": rgb16_png, "cmyk-syn-000007": cmyk_jpeg}
+    return {name: encoders[image_id](image_of(original))
+            for image_id, (original, name) in {**CONVERTED, **CMYK}.items()}
+
+
+def _broken_files(good_png: bytes) -> dict[str, bytes]:
+    """File name -> bytes of every broken file (the missing one is not written)."""
+    jpeg = _encode(Image.open(io.BytesIO(good_png)), "JPEG")
+    side = math.isqrt(DataConfig().max_pixels) + 1000  # header claims 54 Mpx; the file is ~70 bytes
+    bomb = _png(side, side, 8, b"\x00" * 64)
+    return {"broken-empty.png": b"", "broken-truncated.png": good_png[: len(good_png) // 2],
+            "broken-truncated.jpg": jpeg[: len(jpeg) // 2], "broken-text.jpg": b"id,label\n1,cat\n" * 20,
+            "broken-bomb.png": bomb}
+
+
+def unsafe_ids(tmp: str) -> list[str]:
+    """Ids that would name files outside their directory (or hidden ones) if used as names."""
+    return ["../escape-up1", "../../escape-up2", "../../../../escape-up4", "nested/escape-sub",
+            "back\\escape-bs", "nul\x00escape", ".tmp-escape-hidden", "..", os.path.join(tmp, "escape-abs")]
+
+
+def _hostile_manifest(tmp: str, count: int) -> tuple[str, list[tuple[str, str]]]:
+    """The synthetic set plus every kind of hostile input, as JSON Lines.
+
+    Returns the manifest path and, for the rows the manifest stage must quarantine,
+    (image_id as quarantined, words of the reason).
+    """
+    data = os.path.join(tmp, "data")
+    images = os.path.join(data, "images")
+    records = codecs.read_parquet(write_synthetic_set(data, num_images=count, seed=11, num_classes=4,
+                                                      min_size=64, max_size=80)).to_pylist()
+    labels = {r["image_id"]: r["labels"] for r in records}
+    files = {**_broken_files(storage.read_bytes(os.path.join(images, "syn-000001.png"))),
+             **_converted_files(lambda i: decode_image(storage.read_bytes(os.path.join(images, f"{i}.png"))))}
+    for name, data_bytes in files.items():
+        storage.write_bytes(os.path.join(images, name), data_bytes)
+    records += [{"image_id": i, "uri": f"images/{name}", "labels": ["disc"]} for i, (name, _) in BROKEN.items()]
+    expected = [(i, "unsafe characters") for i in unsafe_ids(tmp)]
+    records += [{"image_id": i, "uri": "images/syn-000002.png", "labels": ["disc"]} for i in unsafe_ids(tmp)]
+    records += [{"image_id": "", "uri": "images/syn-000002.png", "labels": ["disc"]},
+                {"image_id": 42, "uri": "images/syn-000002.png", "labels": ["disc"]},
+                {"image_id": "no-uri", "labels": ["disc"]},
+                {"image_id": "syn-000003", "uri": "images/syn-000004.png", "labels": ["diamond"]},
+                {"image_id": "unicorn-1", "uri": "images/syn-000002.png", "labels": ["unicorn"]}]
+    expected += [("", "missing image_id"), ("42", "must be a string"), ("no-uri", "missing uri"),
+                 ("syn-000003", "duplicate image_id"), ("unicorn-1", "unknown class")]
+    lines = [json.dumps(r).encode() + b"\n" for r in records]
+    # Malformed lines in the middle: the rows after them are still read.
+    lines += [b"{not json\n", b"[1, 2]\n", b'{"image_id": "bad-\xff-bytes"}\n']
+    expected += [("", "is not valid JSON"), ("", "is not a JSON object"), ("", "is not valid UTF-8")]
+    lines += [json.dumps({"image_id": i, "uri": f"images/{name}", "labels": labels[original]}).encode() + b"\n"
+              for i, (original, name) in {**CONVERTED, **CMYK}.items()]
     path = os.path.join(data, "manifest.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return path
+    storage.write_bytes(path, b"".join(lines))
+    return path, expected
+
+
+def _files_outside(tmp: str, root: str) -> dict[str, int]:
+    """Relative path -> mtime (ns) of every file under ``tmp`` except inside the run root."""
+    found = {}
+    for directory, subdirs, names in os.walk(tmp):
+        subdirs[:] = [d for d in subdirs if os.path.join(directory, d) != root]
+        for name in names:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, tmp)] = os.stat(path).st_mtime_ns
+    return found
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, ray_session):
     tmp = str(tmp_path_factory.mktemp("label"))
-    manifest = _manifest_with_broken_rows(os.path.join(tmp, "data"), 10)
+    root = f"{tmp}/run"
+    manifest, manifest_quarantine = _hostile_manifest(tmp, 10)
     overrides = tiny_config(tmp, manifest)
     args = sum((["--set", o] for o in overrides), [])
+    before = _files_outside(tmp, root)
     state = label.main(args)
-    return {"tmp": tmp, "root": f"{tmp}/run", "args": args, "state": state, "manifest": manifest}
+    return {"tmp": tmp, "root": root, "args": args, "state": state, "manifest": manifest,
+            "manifest_quarantine": manifest_quarantine, "outside_before": before,
+            "outside_after": _files_outside(tmp, root), "basetemp": str(tmp_path_factory.getbasetemp())}
 
 
 def _valid_ids(run):
-    return [f"syn-{i:06d}" for i in range(10)]
+    return sorted(GOOD + list(CONVERTED) + list(CMYK))
+
+
+def _labels_dir(root: str) -> str:
+    return layout.labels_dir(root, storage.read_text(layout.latest_pointer(root)).strip())
+
+
+def _cam_rows(root: str) -> dict[str, dict]:
+    return {r["image_id"]: r for uri in storage.list_files(layout.cams_dir(root), ".parquet")
+            for r in read_cam_rows(uri)}
+
+
+def _png_array(uri: str) -> np.ndarray:
+    return codecs.decode_label_png(storage.read_bytes(uri))
 
 
 def test_every_valid_image_has_every_output(labelled):
     root, state = labelled["root"], labelled["state"]
     version = storage.read_text(layout.latest_pointer(root)).strip()
     assert state["last_run"]["labels_version"] == version
-    cam_rows = {r["image_id"]: r for uri in storage.list_files(layout.cams_dir(root), ".parquet")
-                for r in read_cam_rows(uri)}
+    cam_rows = _cam_rows(root)
     assert sorted(cam_rows) == _valid_ids(labelled)
     labels_dir = layout.labels_dir(root, version)
     for image_id, row in cam_rows.items():
         h, w = row["height"], row["width"]
         assert row["cams"].shape == (len(row["class_ids"]), -(-h // 4), -(-w // 4))
-        assert codecs.decode_label_png(storage.read_bytes(layout.relation_png(root, image_id))).shape == (h, w)
-        semantic = codecs.decode_label_png(storage.read_bytes(layout.semantic_png(labels_dir, image_id)))
-        instance = codecs.decode_label_png(storage.read_bytes(layout.instance_png(labels_dir, image_id)))
+        assert _png_array(layout.relation_png(root, image_id)).shape == (h, w)
+        semantic = _png_array(layout.semantic_png(labels_dir, image_id))
+        instance = _png_array(layout.instance_png(labels_dir, image_id))
         assert semantic.shape == instance.shape == (h, w) and instance.dtype == np.uint16
         assert set(np.unique(semantic)) <= {0, *row["class_ids"]}
     images = pa.concat_tables([codecs.read_parquet(u) for u in storage.list_files(storage.join(labels_dir, "images"))])
@@ -96,26 +223,84 @@ def test_every_valid_image_has_every_output(labelled):
     assert {"config", "versions", "stages", "labels"} <= set(run_json)
     assert all(run_json["stages"][s]["status"] in ("done", "skipped") for s in run_json["stages"])
     assert run_json["versions"]["torch"].startswith("2.14")
+    assert state["manifest"]["valid"] == len(_valid_ids(labelled)) + len(BROKEN)
+    assert state["manifest"]["quarantined"] == len(labelled["manifest_quarantine"])
 
 
-def test_broken_inputs_are_quarantined_with_reasons(labelled):
+def test_hostile_inputs_are_quarantined_with_reasons(labelled):
     rows = pa.concat_tables([codecs.read_parquet(u) for u in
                              storage.list_files(layout.quarantine_dir(labelled["root"]), ".parquet")]).to_pylist()
-    by_id = {r["image_id"]: r for r in rows}
-    assert set(by_id) == set(BROKEN) | {"../escape", "unicorn-1"}
-    for image_id, words in BROKEN.items():
-        assert by_id[image_id]["stage"] == "cams" and words in by_id[image_id]["reason"]
-    assert by_id["../escape"]["stage"] == "manifest" and "unsafe" in by_id["../escape"]["reason"]
-    assert "unknown class" in by_id["unicorn-1"]["reason"]
-    # Nothing was written outside the run root for the unsafe id.
-    assert not os.path.exists(os.path.join(labelled["tmp"], "escape.png"))
+    expected = [(i, "manifest", words) for i, words in labelled["manifest_quarantine"]]
+    expected += [(i, "cams", words) for i, (_, words) in BROKEN.items()]
+    for image_id, stage, words in expected:
+        matches = [r for r in rows if (r["image_id"], r["stage"]) == (image_id, stage) and words in r["reason"]]
+        assert len(matches) == 1, (image_id, stage, words, [r for r in rows if r["image_id"] == image_id])
+    assert len(rows) == len(expected)
+    # No good image is quarantined: the one row naming a good id is the duplicate, which lost.
+    named_good = [r for r in rows if r["image_id"] in _valid_ids(labelled)]
+    assert [(r["image_id"], r["stage"]) for r in named_good] == [("syn-000003", "manifest")]
+    assert named_good[0]["uri"].endswith("syn-000004.png")
+    assert _cam_rows(labelled["root"])["syn-000003"]["uri"].endswith("syn-000003.png")  # the first row won
+
+
+def test_nothing_is_written_outside_the_run_root(labelled):
+    assert labelled["outside_after"] == labelled["outside_before"]
+    root = labelled["root"]
+    labels_dir = _labels_dir(root)
+    for image_id in unsafe_ids(labelled["tmp"]):
+        for directory in (os.path.join(root, "relations"), os.path.join(labels_dir, "semantic"),
+                          os.path.join(labels_dir, "instance")):
+            assert not os.path.exists(os.path.normpath(os.path.join(directory, f"{image_id}.png")))
+    named = [os.path.join(d, n) for d, _, names in os.walk(labelled["basetemp"]) for n in names if "escape" in n]
+    assert named == []
+
+
+def test_converted_copies_decode_to_their_originals_pixels(labelled):
+    images = os.path.join(labelled["tmp"], "data", "images")
+
+    def read(name):
+        return storage.read_bytes(os.path.join(images, name))
+
+    for image_id, (original, name) in CONVERTED.items():
+        assert np.array_equal(decode_image(read(name)), decode_image(read(f"{original}.png"))), image_id
+    # The copies really are what they claim to be.
+    with Image.open(io.BytesIO(read(CONVERTED["exif-syn-000003"][1]))) as exif:
+        upright = decode_image(read("syn-000003.png"))
+        assert exif.size == upright.shape[:2] and exif.size[0] != exif.size[1]  # stored sideways
+        assert exif.getexif()[0x0112] == 6
+    with Image.open(io.BytesIO(read(CONVERTED["rgba-syn-000004"][1]))) as rgba:
+        assert rgba.mode == "RGBA"
+    assert read(CONVERTED["rgb16-syn-000006"][1])[24] == 16  # IHDR bit depth
+    with Image.open(io.BytesIO(read(CMYK["cmyk-syn-000007"][1]))) as cmyk:
+        assert cmyk.mode == "CMYK"
+
+
+def test_converted_copies_are_labelled_exactly_like_their_originals(labelled):
+    """Same pixels, same labels: EXIF rotation, alpha and 16-bit samples are undone before the model."""
+    root = labelled["root"]
+    labels_dir, cam_rows = _labels_dir(root), _cam_rows(root)
+    for image_id, (original, _) in CONVERTED.items():
+        copy, source = cam_rows[image_id], cam_rows[original]
+        assert (copy["height"], copy["width"], copy["class_ids"]) == (source["height"], source["width"],
+                                                                        source["class_ids"])
+        assert np.array_equal(copy["cams"], source["cams"]), image_id
+        for uri_of in (lambda i: layout.relation_png(root, i), lambda i: layout.semantic_png(labels_dir, i),
+                       lambda i: layout.instance_png(labels_dir, i)):
+            assert np.array_equal(_png_array(uri_of(image_id)), _png_array(uri_of(original))), uri_of(image_id)
+    for image_id, (original, _) in CMYK.items():
+        copy, source = cam_rows[image_id], cam_rows[original]
+        assert (copy["height"], copy["width"], copy["class_ids"]) == (source["height"], source["width"],
+                                                                        source["class_ids"])
+        semantic = _png_array(layout.semantic_png(labels_dir, image_id))
+        assert semantic.shape == (source["height"], source["width"])
+        assert set(np.unique(semantic)) <= {0, *source["class_ids"]}
 
 
 def test_coco_loads_and_masks_match_instance_pngs(labelled):
     from pycocotools.coco import COCO
 
     root = labelled["root"]
-    labels_dir = layout.labels_dir(root, storage.read_text(layout.latest_pointer(root)).strip())
+    labels_dir = _labels_dir(root)
     coco = COCO(storage.join(labels_dir, "coco.json"))
     assert sorted(img["file_name"] for img in coco.dataset["images"]) == _valid_ids(labelled)
     assert [c["name"] for c in coco.dataset["categories"]] == CLASSES
@@ -131,7 +316,7 @@ def test_stage_labels_equal_a_direct_call_of_the_algorithms(labelled):
     from pipeline.models.irnet import build_irnet
 
     root = labelled["root"]
-    labels_dir = layout.labels_dir(root, storage.read_text(layout.latest_pointer(root)).strip())
+    labels_dir = _labels_dir(root)
     row = read_cam_rows(storage.list_files(layout.cams_dir(root), ".parquet")[0])[0]
     meta = json.loads(storage.read_text(layout.model_file(root, "irn") + ".json"))
     model = build_irnet(depth=meta["config"]["depth"], state_dict=load_exported(layout.model_file(root, "irn"))).eval()
@@ -179,7 +364,18 @@ def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
     new_version = storage.read_text(layout.latest_pointer(root)).strip()
     assert new_version != old_version
     new_dir = layout.labels_dir(root, new_version)
-    assert len(os.listdir(os.path.join(new_dir, "semantic"))) == 12
+    # The new version holds exactly the grown manifest's images: the previous version's images that
+    # are still listed (copied, not relabelled) plus the two new ones; images the manifest no longer
+    # lists (the re-encoded copies) are left out of it, and of its COCO file.
+    grown_ids = [f"syn-{i:06d}" for i in range(12)]
+    assert sorted(os.listdir(os.path.join(new_dir, "semantic"))) == [f"{i}.png" for i in grown_ids]
+    assert sorted(os.listdir(os.path.join(new_dir, "instance"))) == [f"{i}.png" for i in grown_ids]
+    listed = pa.concat_tables([codecs.read_parquet(u) for u in storage.list_files(storage.join(new_dir, "images"))])
+    assert sorted(listed.column("image_id").to_pylist()) == grown_ids
+    coco = json.loads(storage.read_text(storage.join(new_dir, "coco.json")))
+    assert sorted(image["file_name"] for image in coco["images"]) == grown_ids
+    kept = {image["id"] for image in coco["images"]}
+    assert all(ann["image_id"] in kept for ann in coco["annotations"])
     # The previous version is immutable: untouched by the nightly rerun.
     assert sorted(os.listdir(os.path.join(layout.labels_dir(root, old_version), "semantic"))) == old_files
     with Image.open(os.path.join(new_dir, "semantic", "syn-000011.png")) as image:

@@ -71,15 +71,18 @@ def test_every_bad_row_kind_is_quarantined_with_a_reason():
 
 
 def test_malformed_jsonl_line_does_not_fail_the_set(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"image_id": "a", "uri": "a.png", "labels": ["cat"]}\n{oops\n[1]\n')
+    # A byte-order mark (as some editors write) opens the file; it is not part of row 1.
+    (tmp_path / "m.jsonl").write_bytes(b'\xef\xbb\xbf{"image_id": "a", "uri": "a.png", "labels": ["cat"]}\n{oops\n[1]\n'
+                                       b'{"image_id": "b\xff"}\n')
     rows, quarantine, _ = load_manifest(str(tmp_path / "m.jsonl"))
     assert [r.image_id for r in rows] == ["a"]
-    assert len(quarantine) == 2 and "line 2" in quarantine[0].reason and "line 3" in quarantine[1].reason
+    expected = ["line 2 is not valid JSON", "line 3 is not a JSON object", "line 4 is not valid UTF-8"]
+    assert len(quarantine) == 3 and all(words in q.reason for words, q in zip(expected, quarantine))
 
 
 @pytest.mark.parametrize("image_id, ok", [("2007_000032", True), ("a.b-c_d", True), ("..", False),
-                                          ("a/b", False), ("a\\b", False), ("", False), ("é", False),
-                                          ("x" * 201, False)])
+                                          (".tmp-x", False), (".hidden", False), ("a/b", False),
+                                          ("a\\b", False), ("", False), ("é", False), ("x" * 201, False)])
 def test_safe_ids(image_id, ok):
     assert is_safe_id(image_id) is ok
 

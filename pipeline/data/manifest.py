@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from pipeline.io import codecs, storage
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+# No leading '.': besides '.' and '..', hidden names such as '.tmp-*' are skipped by listings.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 URI_FIELDS = ("uri", "gt_semantic_uri", "gt_instance_uri")
 
 
@@ -57,8 +58,8 @@ MANIFEST_SCHEMA = pa.schema([
 
 
 def is_safe_id(image_id: Any) -> bool:
-    """True if ``image_id`` may name output files: 1-200 chars of [A-Za-z0-9._-], not '.'/'..'."""
-    return isinstance(image_id, str) and bool(SAFE_ID.match(image_id)) and image_id not in (".", "..")
+    """True if ``image_id`` may name output files: 1-200 chars of [A-Za-z0-9._-], not starting with '.'."""
+    return isinstance(image_id, str) and bool(SAFE_ID.match(image_id))
 
 
 def _parse_list(value: Any) -> list[str] | None:
@@ -95,7 +96,13 @@ def read_manifest_records(uri: str) -> list[dict[str, Any]]:
         return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
     if lower.endswith((".jsonl", ".ndjson", ".json")):
         records: list[dict[str, Any]] = []
-        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        # Decoded line by line: one line of bad bytes is one quarantined row, not a failed set.
+        for number, raw in enumerate(data.splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
+            except UnicodeDecodeError as err:
+                records.append({"_error": f"line {number} is not valid UTF-8 (byte {err.start})"})
+                continue
             if not line.strip():
                 continue
             try:
@@ -120,7 +127,7 @@ def _row_from_record(record: dict[str, Any], base_dir: str) -> tuple[ManifestRow
         return None, f"image_id must be a string, got {type(image_id).__name__}"
     if not is_safe_id(image_id):
         return None, (f"image_id {image_id!r} has unsafe characters; use only A-Z a-z 0-9 . _ - "
-                      f"(at most 200, not '.' or '..')")
+                      f"(at most 200, not starting with '.')")
     if not isinstance(uri, str) or not uri.strip():
         return None, "missing uri"
     labels = _parse_list(record.get("labels"))
