@@ -185,7 +185,7 @@ def stage_synthesis(run: Run) -> dict[str, Any]:
     """Label the manifest's images into a labels version: the current one if it is complete and
     holds exactly this manifest's images, else a new one (a copy of the previous version's images
     that are still in the manifest, plus the rest)."""
-    from pipeline.stages.synthesis import run_synthesis
+    from pipeline.stages.synthesis import current_labels, run_synthesis
 
     key, labels = synthesis_key(run), run.state.labels
     ids = {r.image_id for r in run.rows}
@@ -195,16 +195,18 @@ def stage_synthesis(run: Run) -> dict[str, Any]:
         version = pending["name"]  # resume the version an interrupted run was writing
     else:
         latest_key = labels["versions"].get(latest, {}).get("key") if latest else None
+        reusable: set[str] = set()  # images of the latest version whose labels are still right
         if latest and latest_key == key and not forced:
-            labelled = set(common.read_column(storage.join(layout.labels_dir(run.root, latest), "images"), "image_id"))
-            mined = set(common.read_column(layout.cams_dir(run.root), "image_id")) & ids
-            if not (mined - labelled - common.quarantined_ids(run.root, "synthesis")) and labelled <= ids:
-                return {"_skipped": True, "version": latest, "images": len(labelled)}
+            cams = common.read_class_ids(layout.cams_dir(run.root))
+            reusable, stale = current_labels(cams, layout.labels_dir(run.root, latest))
+            failed = common.quarantined_ids(run.root, "synthesis")
+            if not stale and reusable <= ids and not (set(cams) & ids) - reusable - failed:
+                return {"_skipped": True, "version": latest, "images": len(reusable)}
         version = time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime())
-        labels["pending"] = {"name": version, "key": key, "base": latest if latest_key == key and not forced else None}
+        labels["pending"] = {"name": version, "key": key, "base": latest if reusable else None}
         run.state.save()
-        if labels["pending"]["base"]:
-            _copy_version(run.root, latest, version, ids)
+        if reusable:
+            _copy_version(run.root, latest, version, reusable & ids)
     counts = run_synthesis(run.cfg, layout.labels_dir(run.root, version), image_ids=ids)
     labels["pending"]["complete"] = True
     run.state.save()

@@ -354,24 +354,44 @@ def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
     old_version = storage.read_text(layout.latest_pointer(root)).strip()
     old_files = sorted(os.listdir(os.path.join(layout.labels_dir(root, old_version), "semantic")))
 
+    # The nightly manifest: the same images moved to another directory, two new ones, one image
+    # with corrected tags, and the missing file's row now pointing at a real file.
     grown = os.path.join(labelled["tmp"], "grown")
-    manifest = write_synthetic_set(grown, num_images=12, seed=11, num_classes=4, min_size=64, max_size=80)
+    records = codecs.read_parquet(write_synthetic_set(grown, num_images=12, seed=11, num_classes=4,
+                                                      min_size=64, max_size=80)).to_pylist()
+    retagged = next(r for r in records if r["image_id"] == "syn-000005")
+    retagged["labels"] = ["cross", "square"] if sorted(retagged["labels"]) != ["cross", "square"] else ["disc"]
+    records.append({"image_id": "broken-missing", "uri": "images/syn-000001.png", "labels": ["disc"]})
+    manifest = os.path.join(grown, "nightly.jsonl")
+    storage.write_text(manifest, "".join(json.dumps(r) + "\n" for r in records))
     args = [a if not a.startswith("data.manifest=") else f"data.manifest={manifest}" for a in labelled["args"]]
     state = label.main(args)
     stages = state["stages"]
     assert stages["train_cam"]["status"] == "skipped" and stages["train_irn"]["status"] == "skipped"
-    assert stages["cams"]["counts"]["done"] == 2 and stages["synthesis"]["counts"]["done"] == 2
+    # New images, the retagged one and the fixed reference: nothing else is recomputed.
+    assert stages["cams"]["counts"]["done"] == 4 and stages["synthesis"]["counts"]["done"] == 4
+    cam_rows = [r for uri in storage.list_files(layout.cams_dir(root), ".parquet") for r in read_cam_rows(uri)]
+    assert len(cam_rows) == len({r["image_id"] for r in cam_rows})  # the retagged image has one CAM row
+    new_tags = sorted(CLASSES.index(name) + 1 for name in retagged["labels"])
+    assert next(r for r in cam_rows if r["image_id"] == "syn-000005")["class_ids"] == new_tags
+    quarantined = pa.concat_tables([codecs.read_parquet(u) for u in
+                                    storage.list_files(layout.quarantine_dir(root), ".parquet")]).to_pylist()
+    assert not [r for r in quarantined if r["image_id"] == "broken-missing" and r["stage"] == "cams"]
     new_version = storage.read_text(layout.latest_pointer(root)).strip()
     assert new_version != old_version
     new_dir = layout.labels_dir(root, new_version)
     # The new version holds exactly the grown manifest's images: the previous version's images that
-    # are still listed (copied, not relabelled) plus the two new ones; images the manifest no longer
-    # lists (the re-encoded copies) are left out of it, and of its COCO file.
-    grown_ids = [f"syn-{i:06d}" for i in range(12)]
+    # are still listed and unchanged (copied, not relabelled) plus the four relabelled ones; images
+    # the manifest no longer lists (the re-encoded copies) are left out of it and of its COCO file.
+    grown_ids = ["broken-missing"] + [f"syn-{i:06d}" for i in range(12)]
     assert sorted(os.listdir(os.path.join(new_dir, "semantic"))) == [f"{i}.png" for i in grown_ids]
     assert sorted(os.listdir(os.path.join(new_dir, "instance"))) == [f"{i}.png" for i in grown_ids]
     listed = pa.concat_tables([codecs.read_parquet(u) for u in storage.list_files(storage.join(new_dir, "images"))])
     assert sorted(listed.column("image_id").to_pylist()) == grown_ids
+    retagged_row = next(r for r in listed.to_pylist() if r["image_id"] == "syn-000005")
+    assert retagged_row["class_ids"] == new_tags
+    semantic = codecs.decode_label_png(storage.read_bytes(layout.semantic_png(new_dir, "syn-000005")))
+    assert set(np.unique(semantic)) <= {0, *new_tags}
     coco = json.loads(storage.read_text(storage.join(new_dir, "coco.json")))
     assert sorted(image["file_name"] for image in coco["images"]) == grown_ids
     kept = {image["id"] for image in coco["images"]}

@@ -1,4 +1,4 @@
-"""Labels versions: a new version copies only the previous version's images still in the manifest."""
+"""Labels versions and shard upkeep: copies keep only listed images; out-of-date rows are dropped."""
 
 from __future__ import annotations
 
@@ -43,3 +43,26 @@ def test_copy_of_unchanged_set_copies_everything(tmp_path):
         assert [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(dst, sub))] == names
         for name in names:
             assert storage.read_bytes(storage.join(dst, sub, name)) == storage.read_bytes(storage.join(src, sub, name))
+
+
+def test_drop_rows_rewrites_only_the_shards_that_hold_them(tmp_path):
+    from pipeline.stages.common import drop_rows, read_class_ids
+
+    directory = str(tmp_path / "cams")
+    for ids in (["a", "b"], ["c"], ["d"]):
+        codecs.write_parquet(storage.join(directory, layout.part_name(ids)),
+                             pa.table({"image_id": ids, "class_ids": [[1, 2]] * len(ids)}))
+    untouched = storage.join(directory, layout.part_name(["d"]))
+    before = (tmp_path / "cams" / untouched.rsplit("/", 1)[-1]).stat().st_mtime_ns
+    assert drop_rows(directory, {"b", "c", "zzz"}) == 2
+    assert read_class_ids(directory) == {"a": (1, 2), "d": (1, 2)}
+    assert len(storage.list_files(directory)) == 2  # the shard left empty is removed
+    assert (tmp_path / "cams" / untouched.rsplit("/", 1)[-1]).stat().st_mtime_ns == before
+    assert drop_rows(directory, set()) == 0
+
+
+def test_class_ids_of_shards_without_them_are_unknown(tmp_path):
+    from pipeline.stages.common import read_class_ids
+
+    codecs.write_parquet(str(tmp_path / "old.parquet"), pa.table({"image_id": ["a"], "uri": ["x.png"]}))
+    assert read_class_ids(str(tmp_path)) == {"a": None}

@@ -116,9 +116,15 @@ def read_parquet(uri: str) -> pa.Table:
     return parquet_bytes_to_table(storage.read_bytes(uri))
 
 
-def read_parquet_columns(uri: str, columns: list[str]) -> pa.Table:
-    """Only ``columns`` of the Parquet file at ``uri`` (range reads: other columns are not fetched)."""
+def read_parquet_columns(uri: str, columns: list[str], *, missing_ok: bool = False) -> pa.Table:
+    """Only ``columns`` of the Parquet file at ``uri`` (range reads: other columns are not fetched).
+
+    With ``missing_ok``, columns the file does not have (an older shard) are left out.
+    """
     from pipeline.io import storage
 
     with storage.open_input(uri) as f:
-        return pq.read_table(f, columns=columns)
+        parquet = pq.ParquetFile(f)
+        if missing_ok:
+            columns = [c for c in columns if c in parquet.schema_arrow.names]
+        return parquet.read(columns=columns)

@@ -145,26 +145,42 @@ def stage_key(cfg: Config, classes: list[str]) -> str:
                                "relations": common.settings(cfg.relations), "max_pixels": cfg.data.max_pixels})
 
 
-def pending(cfg: Config, table: pa.Table) -> pa.Table:
-    """Rows of the manifest table (image_id, uri, labels) whose CAM outputs do not exist yet."""
-    done = set(common.read_column(layout.cams_dir(cfg.run.root), "image_id"))
-    done |= common.quarantined_ids(cfg.run.root, STAGE)
-    mask = [image_id not in done for image_id in table.column("image_id").to_pylist()]
-    return table.filter(pa.array(mask, pa.bool_()))
+def pending(root: str, source: pa.Table) -> pa.Table:
+    """Rows of ``source`` (image_id, uri, class_ids) whose CAM outputs are missing or out of date.
+
+    A CAM row is out of date when the manifest now gives the image other tags (a nightly manifest
+    may fix them); a quarantine row when the manifest now gives another uri (a fixed reference is
+    retried). Out-of-date rows are removed here, so each image keeps one CAM row. A file changed
+    in place under the same id, uri and tags is not detected: give it a new id.
+    """
+    ids, uris, class_ids = (source.column(c).to_pylist() for c in ("image_id", "uri", "class_ids"))
+    wanted = {i: (u, tuple(c)) for i, u, c in zip(ids, uris, class_ids)}
+    made = common.read_class_ids(layout.cams_dir(root))
+    failed = common.quarantined_uris(root, STAGE)
+    stale = {i for i, tags in made.items() if i in wanted and tags != wanted[i][1]}
+    stale_failed = {i for i, uri in failed.items() if i in wanted and uri != wanted[i][0]}
+    if stale or stale_failed:
+        log.warning("%d images have new tags or a new uri since they were processed; redoing them",
+                    len(stale | stale_failed))
+        # The CAM row, which marks the image out of date, goes last.
+        common.drop_rows(layout.high_res_cams_dir(root), stale)
+        common.drop_rows(layout.cams_dir(root), stale)
+        common.drop_rows(layout.quarantine_dir(root), stale_failed, prefix=f"{STAGE}-")
+    done = (set(made) - stale) | (set(failed) - stale_failed)
+    return source.filter(pa.array([i not in done for i in ids], pa.bool_()))
 
 
 def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]:
-    """Run the stage over the manifest rows in ``table``; returns counts by status."""
+    """Run the stage over the manifest rows in ``table`` (image_id, uri, labels); counts by status."""
     import ray.data
 
     common.prepare_stage_dir(layout.cams_dir(cfg.run.root), stage_key(cfg, classes))
-    todo = pending(cfg, table)
-    if todo.num_rows == 0:
-        return {"skipped": table.num_rows}
     index = {name: i + 1 for i, name in enumerate(classes)}
-    class_ids = [sorted(index[n] for n in labels) for labels in todo.column("labels").to_pylist()]
-    source = pa.table({"image_id": todo.column("image_id"), "uri": todo.column("uri"),
-                       "class_ids": pa.array(class_ids, pa.list_(pa.int32()))})
+    class_ids = [sorted(index[n] for n in labels) for labels in table.column("labels").to_pylist()]
+    source = pending(cfg.run.root, pa.table({"image_id": table.column("image_id"), "uri": table.column("uri"),
+                                             "class_ids": pa.array(class_ids, pa.list_(pa.int32()))}))
+    if source.num_rows == 0:
+        return {"skipped": table.num_rows}
     cam_cfg = cfg.cams
     relation_params = {"fg_threshold": cfg.relations.fg_threshold, "bg_threshold": cfg.relations.bg_threshold,
                        **{k.removeprefix("crf_"): v for k, v in vars(cfg.relations).items() if k.startswith("crf_")}}
@@ -183,7 +199,7 @@ def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]
     root = cfg.run.root
     common.finish_stage(layout.cams_dir(root), layout.relations_dir(root), layout.high_res_cams_dir(root),
                         layout.quarantine_dir(root))
-    counts["skipped"] = table.num_rows - todo.num_rows
+    counts["skipped"] = table.num_rows - source.num_rows
     return counts
 
 

@@ -34,13 +34,55 @@ def read_column(directory: str, column: str, *, suffix: str = ".parquet") -> Ite
         yield from codecs.read_parquet_columns(uri, [column]).column(column).to_pylist()
 
 
+def read_class_ids(directory: str) -> dict[str, tuple[int, ...] | None]:
+    """image_id -> the class ids (tags) each row of the shards in ``directory`` was made for
+    (None in shards written before they were recorded)."""
+    found = {}
+    for uri in storage.list_files(directory, ".parquet"):
+        table = codecs.read_parquet_columns(uri, ["image_id", "class_ids"], missing_ok=True)
+        ids = table.column("image_id").to_pylist()
+        class_ids = table.column("class_ids").to_pylist() if "class_ids" in table.column_names else [None] * len(ids)
+        found.update((i, None if c is None else tuple(c)) for i, c in zip(ids, class_ids))
+    return found
+
+
+def drop_rows(directory: str, image_ids: set[str], *, prefix: str = "") -> int:
+    """Rewrite the shards of ``directory`` (names starting with ``prefix``) without ``image_ids``.
+
+    Each shard is replaced atomically (or removed when nothing is left), so an interrupted call
+    leaves every shard either as it was or without those rows. Returns the rows dropped.
+    """
+    dropped = 0
+    if not image_ids:
+        return 0
+    for uri in storage.list_files(directory, ".parquet"):
+        if not uri.rsplit("/", 1)[-1].startswith(prefix):
+            continue
+        ids = codecs.read_parquet_columns(uri, ["image_id"]).column("image_id").to_pylist()
+        keep = [image_id not in image_ids for image_id in ids]
+        if all(keep):
+            continue
+        dropped += keep.count(False)
+        if any(keep):
+            codecs.write_parquet(uri, codecs.read_parquet(uri).filter(pa.array(keep, pa.bool_())))
+        else:
+            storage.remove(uri)
+    return dropped
+
+
 def quarantined_ids(root: str, stage: str) -> set[str]:
     """Image ids quarantined by ``stage`` in this run root."""
-    ids = set()
+    return set(quarantined_uris(root, stage))
+
+
+def quarantined_uris(root: str, stage: str) -> dict[str, str]:
+    """image_id -> uri of the images quarantined by ``stage`` in this run root."""
+    found = {}
     for uri in storage.list_files(layout.quarantine_dir(root), ".parquet"):
         if uri.rsplit("/", 1)[-1].startswith(f"{stage}-"):
-            ids.update(codecs.read_parquet_columns(uri, ["image_id"]).column("image_id").to_pylist())
-    return ids
+            table = codecs.read_parquet_columns(uri, ["image_id", "uri"])
+            found.update(zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist()))
+    return found
 
 
 def write_quarantine(root: str, stage: str, records: list[dict[str, str]]) -> None:

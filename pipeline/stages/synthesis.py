@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 STAGE = "synthesis"
 
 IMAGE_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("height", pa.int32()),
-                          ("width", pa.int32()), ("num_instances", pa.int32())])
+                          ("width", pa.int32()), ("num_instances", pa.int32()),
+                          ("class_ids", pa.list_(pa.int32()))])  # the tags the labels were made for
 INSTANCE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("instance_id", pa.int32()), ("class_id", pa.int32()),
     ("score", pa.float32()), ("area", pa.int64()), ("bbox", pa.list_(pa.float32(), 4)),
@@ -129,7 +130,8 @@ class Synthesize:
                 continue
             instances += instance_rows(image_id, masks, classes, scores)
             images.append({"image_id": image_id, "uri": str(row["uri"]), "height": semantic.shape[0],
-                           "width": semantic.shape[1], "num_instances": len(masks)})
+                           "width": semantic.shape[1], "num_instances": len(masks),
+                           "class_ids": [int(c) for c in row["class_ids"]]})
             statuses.append("done")
         common.write_quarantine(self.root, self.stage, quarantine)
         if images:
@@ -147,31 +149,49 @@ def _read_pending(item: dict[str, Any], *, pending: set[str]) -> list[dict[str, 
     return [row for row in read_cam_rows(item["uri"]) if row["image_id"] in pending]
 
 
+def current_labels(made_for: dict[str, tuple], labels_dir: str) -> tuple[set[str], set[str]]:
+    """(ids labelled in ``labels_dir`` from their current CAM rows, ids labelled from older ones).
+
+    ``made_for``: :func:`common.read_class_ids` of the CAM shards. An image's labels are out of
+    date when its CAMs were remade for other tags.
+    """
+    labelled = common.read_class_ids(storage.join(labels_dir, "images"))
+    current = {i for i, tags in labelled.items() if made_for.get(i) == tags}
+    return current, set(labelled) - current
+
+
 def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
                   image_ids: set[str] | None = None, stage: str = STAGE) -> dict[str, int]:
-    """Label every CAM row (or only ``image_ids``) not yet in ``labels_dir``; counts by status."""
+    """Label every CAM row (or only ``image_ids``) not yet labelled in ``labels_dir`` from its current
+    CAMs; counts by status. ``labels_dir`` must not be a published version: out-of-date rows are
+    removed from it before they are redone."""
     import ray.data
 
+    root = cfg.run.root
     method = method or cfg.synthesis.method
-    cam_ids = list(common.read_column(layout.cams_dir(cfg.run.root), "image_id"))
-    wanted = set(cam_ids) if image_ids is None else set(cam_ids) & set(image_ids)
-    done = set(common.read_column(storage.join(labels_dir, "images"), "image_id"))
-    pending = wanted - done - common.quarantined_ids(cfg.run.root, stage)
+    cams = common.read_class_ids(layout.cams_dir(root))
+    wanted = set(cams) if image_ids is None else set(cams) & set(image_ids)
+    current, stale = current_labels(cams, labels_dir)
+    failed = common.quarantined_ids(root, stage)
+    # Instances first: the images row, which marks the image out of date, goes last.
+    for sub in ("instances", "images"):
+        common.drop_rows(storage.join(labels_dir, sub), stale)
+    pending = wanted - current - failed
     if not pending:
         return {"skipped": len(wanted)}
-    shards = storage.list_files(layout.cams_dir(cfg.run.root), ".parquet")
+    shards = storage.list_files(layout.cams_dir(root), ".parquet")
     section = cfg.synthesis
     ds = ray.data.from_items([{"uri": uri} for uri in shards]).flat_map(
         _read_pending, fn_kwargs={"pending": pending}, num_cpus=0.25,
     ).map_batches(
         Synthesize, batch_size=section.batch_size, batch_format="numpy",
         fn_constructor_kwargs={
-            "labels_dir": labels_dir, "root": cfg.run.root, "method": method, "params": vars(section),
+            "labels_dir": labels_dir, "root": root, "method": method, "params": vars(section),
             "max_pixels": cfg.data.max_pixels, "gpus": section.gpus_per_actor, "stage": stage},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
         num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor)
     counts = common.summarise(ds)
     common.finish_stage(*(storage.join(labels_dir, sub) for sub in ("semantic", "instance", "instances", "images")),
-                        layout.quarantine_dir(cfg.run.root))
+                        layout.quarantine_dir(root))
     counts["skipped"] = len(wanted) - len(pending)
     return counts
