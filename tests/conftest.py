@@ -1,4 +1,5 @@
-"""Shared fixture: one local Ray per test session (started only when a test asks for it)."""
+"""Shared fixtures: one local Ray per test session, and one labelled run of the hostile data set
+(each started only when a test asks for it)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,27 @@ def ray_session():
     init_ray(from_dict({"ray": {"address": "local", "num_cpus": 2}}))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory, ray_session):
+    """jobs.label once over the hostile data set (tests/hostile.py) with the tiny settings.
+
+    Used by tests/test_label_job.py (which inspects it) and tests/test_interruption.py (its
+    reference: an uninterrupted run). ``outputs`` is taken right after the run, before any test
+    reruns the job in this root.
+    """
+    from hostile import files_outside, hostile_manifest, tiny_config
+    from jobs import label
+    from support import label_outputs
+
+    tmp = str(tmp_path_factory.mktemp("label"))
+    root = f"{tmp}/run"
+    manifest, manifest_quarantine = hostile_manifest(tmp, 10)
+    args = sum((["--set", o] for o in tiny_config(tmp, manifest)), [])
+    before = files_outside(tmp, root)
+    state = label.main(args)
+    return {"tmp": tmp, "root": root, "args": args, "state": state, "manifest": manifest,
+            "manifest_quarantine": manifest_quarantine, "outside_before": before,
+            "outside_after": files_outside(tmp, root), "basetemp": str(tmp_path_factory.getbasetemp()),
+            "outputs": label_outputs(root)}
