@@ -28,8 +28,7 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.make_synthetic --out demo_data --num-images 80 --seed 0 --min-size 128 --max-size 192 --radius 0.14 0.24
-	@if [ -f jobs/label.py ]; then $(PY) -m jobs.label --config configs/demo.yaml; \
-	else echo "demo: data set written to demo_data/; the end-to-end job (jobs.label) is not yet available"; fi
+	$(PY) -m jobs.label --config configs/demo.yaml
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/random_walk.py

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 
 def _args(labelled: dict, root: str) -> list[str]:
     """The reference run's arguments for another root, reusing its networks; one CRF task at a
-    time, so shards appear one after another."""
+    time, so shards appear one after another; no ablations (they only add evaluation time)."""
     args = [a if not a.startswith("run.root=") else f"run.root={root}" for a in labelled["args"]]
-    return args + ["--set", "run.retrain=never", "--set", "relations.max_tasks=1"]
+    return args + ["--set", "run.retrain=never", "--set", "relations.max_tasks=1", "--set", "eval.ablations=false"]
 
 
 def _images(labelled: dict) -> int:
