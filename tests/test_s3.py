@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,18 +49,30 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
 
 
+def _assert_no_credentials(data: bytes, where) -> None:
+    assert SECRET.encode() not in data and b"irn-test-key" not in data, f"a credential is in {where}"
+
+
 def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, ray_session):
     made = _run("from pipeline.data.synthetic import write_synthetic_set as w; "
                 "print(w('s3://irn/data', num_images=8, seed=11, num_classes=4, min_size=64, max_size=80))", s3_env)
     assert made.returncode == 0, made.stderr[-3000:]
     manifest = made.stdout.strip().splitlines()[-1]
     assert manifest == "s3://irn/data/manifest.parquet"
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs.label", "--config", "configs/tiny.yaml", "--set", f"data.manifest={manifest}",
-         "--set", "run.root=s3://irn/run"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **s3_env, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert SECRET not in done.stdout + done.stderr
+    ray_tmp = tempfile.mkdtemp(prefix="irns3", dir="/tmp")  # the job's Ray logs, to search (short: socket paths)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.label", "--config", "configs/tiny.yaml", "--set", f"data.manifest={manifest}",
+             "--set", "run.root=s3://irn/run"],
+            cwd=ROOT, capture_output=True, text=True, timeout=900,
+            env={**os.environ, **s3_env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp})
+        assert done.returncode == 0, done.stderr[-4000:]
+        _assert_no_credentials(done.stdout.encode() + done.stderr.encode(), "job output")
+        for path in Path(ray_tmp).rglob("*"):  # Ray's own logs of the job's workers and raylet
+            if path.is_file():
+                _assert_no_credentials(path.read_bytes(), path)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     # Everything the job wrote to the bucket, downloaded for inspection.
     copy = tmp_path / "from-s3"
@@ -66,7 +80,9 @@ def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, r
                    f"fs.get(path, {str(copy)!r}, recursive=True)", s3_env)
     assert fetched.returncode == 0, fetched.stderr[-3000:]
     run_json = (copy / "run.json").read_text()
-    assert SECRET not in run_json and "irn-test-key" not in run_json
+    for path in copy.rglob("*"):  # no output file (run.json, report, shards, checkpoints) holds one
+        if path.is_file():
+            _assert_no_credentials(path.read_bytes(), path)
     assert all(info["status"] == "done" for name, info in json.loads(run_json)["stages"].items()
                if name != "evaluate")
     assert (copy / "report" / "index.html").exists()
