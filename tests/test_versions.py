@@ -66,3 +66,27 @@ def test_class_ids_of_shards_without_them_are_unknown(tmp_path):
 
     codecs.write_parquet(str(tmp_path / "old.parquet"), pa.table({"image_id": ["a"], "uri": ["x.png"]}))
     assert read_class_ids(str(tmp_path)) == {"a": None}
+
+
+def test_cam_pending_redoes_retagged_images_and_retries_moved_failures(tmp_path):
+    from pipeline.stages.cams import pending
+    from pipeline.stages.common import quarantined_ids, read_class_ids, write_quarantine
+
+    root = str(tmp_path)
+    codecs.write_parquet(storage.join(layout.cams_dir(root), layout.part_name(["a", "e"])),
+                         pa.table({"image_id": ["a", "e"], "uri": ["a.png", "e.png"], "class_ids": [[1], [2]]}))
+    write_quarantine(root, "cams", [{"image_id": "b", "uri": "old/b.png", "reason": "image file not found"},
+                                    {"image_id": "f", "uri": "f.png", "reason": "empty file (0 bytes)"}])
+    # A high-res shard whose CAM shard was never written (its writer died in between).
+    codecs.write_parquet(storage.join(layout.high_res_cams_dir(root), layout.part_name(["c"])),
+                         pa.table({"image_id": ["c"]}))
+    source = pa.table({"image_id": ["a", "b", "c", "d", "e", "f"],
+                       "uri": ["a.png", "new/b.png", "c.png", "d.png", "e.png", "f.png"],
+                       "class_ids": pa.array([[1], [1], [1], [1], [2, 3], [1]], pa.list_(pa.int32()))})
+    todo = pending(root, source)
+    # a: done; b: its file was moved, retried; c, d: never done; e: retagged, redone; f: still broken.
+    assert todo.column("image_id").to_pylist() == ["b", "c", "d", "e"]
+    assert read_class_ids(layout.cams_dir(root)) == {"a": (1,)}
+    assert quarantined_ids(root, "cams") == {"f"}
+    assert storage.list_files(layout.high_res_cams_dir(root)) == []
+

@@ -162,12 +162,14 @@ def pending(root: str, source: pa.Table) -> pa.Table:
     if stale or stale_failed:
         log.warning("%d images have new tags or a new uri since they were processed; redoing them",
                     len(stale | stale_failed))
-        # The CAM row, which marks the image out of date, goes last.
-        common.drop_rows(layout.high_res_cams_dir(root), stale)
         common.drop_rows(layout.cams_dir(root), stale)
         common.drop_rows(layout.quarantine_dir(root), stale_failed, prefix=f"{STAGE}-")
     done = (set(made) - stale) | (set(failed) - stale_failed)
-    return source.filter(pa.array([i not in done for i in ids], pa.bool_()))
+    todo = [i not in done for i in ids]
+    # High-res rows of an image without its CAM row (a writer died between the two shards) would
+    # be written again in another shard: drop them first.
+    common.drop_rows(layout.high_res_cams_dir(root), {i for i, t in zip(ids, todo) if t})
+    return source.filter(pa.array(todo, pa.bool_()))
 
 
 def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]:

@@ -179,6 +179,9 @@ def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
     pending = wanted - current - failed
     if not pending:
         return {"skipped": len(wanted)}
+    # Instance rows of an image without its images row (a writer died between the two shards, or
+    # a version copy was cut short) would be written again in another shard: drop them first.
+    common.drop_rows(storage.join(labels_dir, "instances"), pending)
     shards = storage.list_files(layout.cams_dir(root), ".parquet")
     section = cfg.synthesis
     ds = ray.data.from_items([{"uri": uri} for uri in shards]).flat_map(
