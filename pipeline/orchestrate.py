@@ -190,9 +190,14 @@ def stage_synthesis(run: Run) -> dict[str, Any]:
     key, labels = synthesis_key(run), run.state.labels
     ids = {r.image_id for r in run.rows}
     latest, pending = latest_version(run.root), labels.get("pending")
+    if pending and pending["name"] == latest:  # published; the run stopped before it said so
+        labels["pending"] = pending = None
+        run.state.save()
     forced = "synthesis" in run.force
     if pending and pending["key"] == key and not forced:
         version = pending["name"]  # resume the version an interrupted run was writing
+        pending.pop("complete", None)
+        run.state.save()
     else:
         latest_key = labels["versions"].get(latest, {}).get("key") if latest else None
         reusable: set[str] = set()  # images of the latest version whose labels are still right
@@ -201,13 +206,16 @@ def stage_synthesis(run: Run) -> dict[str, Any]:
             reusable, stale = current_labels(cams, layout.labels_dir(run.root, latest))
             failed = common.quarantined_ids(run.root, "synthesis")
             if not stale and reusable <= ids and not (set(cams) & ids) - reusable - failed:
+                if pending:  # an unfinished version of other settings: abandoned, not published
+                    labels["pending"] = None
+                    run.state.save()
                 return {"_skipped": True, "version": latest, "images": len(reusable)}
         version = time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime())
         labels["pending"] = {"name": version, "key": key, "base": latest if reusable else None}
         run.state.save()
         if reusable:
             _copy_version(run.root, latest, version, reusable & ids)
-    counts = run_synthesis(run.cfg, layout.labels_dir(run.root, version), image_ids=ids)
+    counts = run_synthesis(run.cfg, layout.labels_dir(run.root, version), uris={r.image_id: r.uri for r in run.rows})
     labels["pending"]["complete"] = True
     run.state.save()
     return {**counts, "version": version}
@@ -224,10 +232,12 @@ def stage_coco(run: Run) -> dict[str, Any]:
         raise RuntimeError(f"labels version {pending['name']} is not complete; run the synthesis stage first")
     version = pending["name"]
     summary = export_coco(layout.labels_dir(run.root, version), run.classes)
-    # The version is complete: make it the one users see, atomically.
-    storage.write_text(layout.latest_pointer(run.root), version + "\n")
     labels["versions"][version] = {"key": pending["key"], "base": pending.get("base"),
                                    "images": summary.get("num_images"), "instances": summary.get("num_annotations")}
+    run.state.save()
+    # The version is complete: make it the one users see, atomically. A run that stops right
+    # after this still lists it as pending; the next run sees LATEST names it and never resumes it.
+    storage.write_text(layout.latest_pointer(run.root), version + "\n")
     labels["pending"] = None
     run.state.save()
     return {"version": version, "images": summary.get("num_images"), "instances": summary.get("num_annotations")}
@@ -254,10 +264,10 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
               "irnet": evaluate_labels(layout.labels_dir(run.root, version), gt_rows, run.classes,
                                        iou_thresholds=thresholds), "ablations": {}}
     if run.cfg.eval.ablations:
-        ids = {r.image_id for r in gt_rows}
+        uris = {r.image_id: r.uri for r in gt_rows}
         for method in ("cam", "cam_boundary"):
             directory = storage.join(layout.report_dir(run.root), "ablations", f"{method}-{synthesis_key(run)}")
-            run_synthesis(run.cfg, directory, method=method, image_ids=ids, stage=f"ablation_{method}")
+            run_synthesis(run.cfg, directory, method=method, uris=uris, stage=f"ablation_{method}")
             result["ablations"][method] = evaluate_labels(directory, gt_rows, run.classes, iou_thresholds=thresholds)
     result["cam_classification"] = cam_classification_map(run.root, run.rows, run.classes,
                                                           max_images=run.cfg.eval.max_classification_images)

@@ -80,9 +80,17 @@ def test_malformed_jsonl_line_does_not_fail_the_set(tmp_path):
     assert len(quarantine) == 3 and all(words in q.reason for words, q in zip(expected, quarantine))
 
 
+def test_csv_with_bad_bytes_quarantines_only_that_row(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"image_id,uri,labels\na,a.png,cat\nb\xff,b.png,cat\nc,c.png,ca\xfft\n")
+    rows, quarantine, _ = load_manifest(str(tmp_path / "m.csv"), ["cat"])
+    assert [r.image_id for r in rows] == ["a"]
+    assert [("unsafe" in q.reason, "unknown class" in q.reason) for q in quarantine] == [(True, False), (False, True)]
+
+
 @pytest.mark.parametrize("image_id, ok", [("2007_000032", True), ("a.b-c_d", True), ("..", False),
                                           (".tmp-x", False), (".hidden", False), ("a/b", False),
-                                          ("a\\b", False), ("", False), ("é", False), ("x" * 201, False)])
+                                          ("a\\b", False), ("", False), ("é", False), ("x" * 201, False),
+                                          ("a\n", False), ("a\nb", False)])
 def test_safe_ids(image_id, ok):
     assert is_safe_id(image_id) is ok
 

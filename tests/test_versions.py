@@ -90,3 +90,15 @@ def test_cam_pending_redoes_retagged_images_and_retries_moved_failures(tmp_path)
     assert quarantined_ids(root, "cams") == {"f"}
     assert storage.list_files(layout.high_res_cams_dir(root)) == []
 
+
+
+def test_labels_without_recorded_tags_or_cams_are_out_of_date(tmp_path):
+    from pipeline.stages.synthesis import current_labels
+
+    labels = str(tmp_path / "v1")
+    codecs.write_parquet(storage.join(labels, "images", "old.parquet"),
+                         pa.table({"image_id": ["x", "y"], "uri": ["x.png", "y.png"]}))  # before class_ids
+    codecs.write_parquet(storage.join(labels, "images", "new.parquet"),
+                         pa.table({"image_id": ["z", "w"], "class_ids": [[1], [2]]}))
+    current, stale = current_labels({"y": (1,), "z": (1,), "w": (3,)}, labels)
+    assert current == {"z"} and stale == {"x", "y", "w"}

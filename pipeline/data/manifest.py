@@ -59,7 +59,7 @@ MANIFEST_SCHEMA = pa.schema([
 
 def is_safe_id(image_id: Any) -> bool:
     """True if ``image_id`` may name output files: 1-200 chars of [A-Za-z0-9._-], not starting with '.'."""
-    return isinstance(image_id, str) and bool(SAFE_ID.match(image_id))
+    return isinstance(image_id, str) and bool(SAFE_ID.fullmatch(image_id))  # '$' alone would pass "a\n"
 
 
 def _parse_list(value: Any) -> list[str] | None:
@@ -93,7 +93,8 @@ def read_manifest_records(uri: str) -> list[dict[str, Any]]:
     if lower.endswith(".parquet"):
         return codecs.parquet_bytes_to_table(data).to_pylist()
     if lower.endswith(".csv"):
-        return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+        # Bad bytes become U+FFFD: the row's id or class is then invalid and the row quarantined.
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig", errors="replace"))))
     if lower.endswith((".jsonl", ".ndjson", ".json")):
         records: list[dict[str, Any]] = []
         # Decoded line by line: one line of bad bytes is one quarantined row, not a failed set.

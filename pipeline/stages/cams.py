@@ -162,6 +162,9 @@ def pending(root: str, source: pa.Table) -> pa.Table:
     if stale or stale_failed:
         log.warning("%d images have new tags or a new uri since they were processed; redoing them",
                     len(stale | stale_failed))
+        # Later stages' failures of a retagged image were failures on its old CAMs: retry them too.
+        for later in ("synthesis-", "ablation_"):
+            common.drop_rows(layout.quarantine_dir(root), stale, prefix=later)
         common.drop_rows(layout.cams_dir(root), stale)
         common.drop_rows(layout.quarantine_dir(root), stale_failed, prefix=f"{STAGE}-")
     done = (set(made) - stale) | (set(failed) - stale_failed)

@@ -144,9 +144,13 @@ class Synthesize:
         return common.status_batch(statuses)
 
 
-def _read_pending(item: dict[str, Any], *, pending: set[str]) -> list[dict[str, Any]]:
-    """flat_map: the rows of one CAM shard whose image is still to be labelled."""
-    return [row for row in read_cam_rows(item["uri"]) if row["image_id"] in pending]
+def _read_pending(item: dict[str, Any], *, pending: dict[str, str | None]) -> list[dict[str, Any]]:
+    """flat_map: the rows of one CAM shard whose image is still to be labelled, each with the uri
+    the manifest now gives (the file may have moved since its CAMs were made)."""
+    rows = [row for row in read_cam_rows(item["uri"]) if row["image_id"] in pending]
+    for row in rows:
+        row["uri"] = pending[row["image_id"]] or row["uri"]
+    return rows
 
 
 def current_labels(made_for: dict[str, tuple], labels_dir: str) -> tuple[set[str], set[str]]:
@@ -156,26 +160,35 @@ def current_labels(made_for: dict[str, tuple], labels_dir: str) -> tuple[set[str
     date when its CAMs were remade for other tags.
     """
     labelled = common.read_class_ids(storage.join(labels_dir, "images"))
-    current = {i for i, tags in labelled.items() if made_for.get(i) == tags}
+    current = {i for i, tags in labelled.items() if i in made_for and made_for[i] == tags}
     return current, set(labelled) - current
 
 
 def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
-                  image_ids: set[str] | None = None, stage: str = STAGE) -> dict[str, int]:
-    """Label every CAM row (or only ``image_ids``) not yet labelled in ``labels_dir`` from its current
-    CAMs; counts by status. ``labels_dir`` must not be a published version: out-of-date rows are
-    removed from it before they are redone."""
+                  uris: dict[str, str] | None = None, stage: str = STAGE) -> dict[str, int]:
+    """Label every CAM row not yet labelled in ``labels_dir`` from its current CAMs; counts by status.
+
+    ``uris``: only these images (image_id -> where the image file is now); None = every CAM row,
+    read from the uri its CAMs were made from. ``labels_dir`` must not be a published version:
+    out-of-date rows (and rows of images not in ``uris``) are removed from it first.
+    """
     import ray.data
 
     root = cfg.run.root
     method = method or cfg.synthesis.method
     cams = common.read_class_ids(layout.cams_dir(root))
-    wanted = set(cams) if image_ids is None else set(cams) & set(image_ids)
+    wanted = set(cams) if uris is None else set(cams) & set(uris)
     current, stale = current_labels(cams, labels_dir)
+    if uris is not None:  # labels of images no longer asked for leave this directory too
+        stale |= current - set(uris)
+        current &= set(uris)
     failed = common.quarantined_ids(root, stage)
-    # Instances first: the images row, which marks the image out of date, goes last.
-    for sub in ("instances", "images"):
-        common.drop_rows(storage.join(labels_dir, sub), stale)
+    # The images row, which marks an image labelled, goes last.
+    common.drop_rows(storage.join(labels_dir, "instances"), stale)
+    for image_id in stale:
+        storage.remove(layout.semantic_png(labels_dir, image_id))
+        storage.remove(layout.instance_png(labels_dir, image_id))
+    common.drop_rows(storage.join(labels_dir, "images"), stale)
     pending = wanted - current - failed
     if not pending:
         return {"skipped": len(wanted)}
@@ -185,7 +198,7 @@ def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
     shards = storage.list_files(layout.cams_dir(root), ".parquet")
     section = cfg.synthesis
     ds = ray.data.from_items([{"uri": uri} for uri in shards]).flat_map(
-        _read_pending, fn_kwargs={"pending": pending}, num_cpus=0.25,
+        _read_pending, fn_kwargs={"pending": {i: (uris or {}).get(i) for i in pending}}, num_cpus=0.25,
     ).map_batches(
         Synthesize, batch_size=section.batch_size, batch_format="numpy",
         fn_constructor_kwargs={
