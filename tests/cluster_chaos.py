@@ -26,6 +26,7 @@ from ray.cluster_utils import Cluster
 from pipeline.config import load_config
 from pipeline.io import layout, storage
 from pipeline.orchestrate import run_label
+from support import label_versions  # tests/ is this script's directory
 
 NODE = {"num_cpus": 2, "object_store_memory": 150 * 2**20}
 
@@ -103,8 +104,7 @@ class Chaos(threading.Thread):
         self.events.append(f"{stage}: {shards} shards written when the node was removed")
 
     def labels_images(self) -> str | None:
-        directory = layout.labels_root(self.root)
-        versions = sorted(v for v in os.listdir(directory) if v.startswith("v")) if os.path.isdir(directory) else []
+        versions = label_versions(self.root)
         return storage.join(layout.labels_dir(self.root, versions[0]), "images") if versions else None
 
 

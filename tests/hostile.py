@@ -45,7 +45,8 @@ def tiny_config(tmp: str, manifest: str) -> list[str]:
             "eval.num_previews=2"]
 
 
-def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    """A Pillow image as file bytes of format ``fmt``."""
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
@@ -71,16 +72,16 @@ def exif_rotated_png(image: np.ndarray) -> bytes:
     """The pixels turned 90° counter-clockwise, tagged EXIF Orientation 6 (turn clockwise to view)."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    return _encode(Image.fromarray(np.ascontiguousarray(np.rot90(image))), "PNG", exif=exif)
+    return encode(Image.fromarray(np.ascontiguousarray(np.rot90(image))), "PNG", exif=exif)
 
 
 def opaque_rgba_png(image: np.ndarray) -> bytes:
     """RGBA with alpha 255 everywhere: compositing over black leaves every pixel as it was."""
-    return _encode(Image.fromarray(np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])), "PNG")
+    return encode(Image.fromarray(np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])), "PNG")
 
 
 def cmyk_jpeg(image: np.ndarray) -> bytes:
-    return _encode(Image.fromarray(image).convert("CMYK"), "JPEG", quality=95)
+    return encode(Image.fromarray(image).convert("CMYK"), "JPEG", quality=95)
 
 
 def _converted_files(image_of) -> dict[str, bytes]:
@@ -93,7 +94,7 @@ def _converted_files(image_of) -> dict[str, bytes]:
 
 def _broken_files(good_png: bytes) -> dict[str, bytes]:
     """File name -> bytes of every broken file (the missing one is not written)."""
-    jpeg = _encode(Image.open(io.BytesIO(good_png)), "JPEG")
+    jpeg = encode(Image.open(io.BytesIO(good_png)), "JPEG")
     side = math.isqrt(DataConfig().max_pixels) + 1000  # header claims 54 Mpx; the file is ~70 bytes
     bomb = _png(side, side, 8, b"\x00" * 64)
     return {"broken-empty.png": b"", "broken-truncated.png": good_png[: len(good_png) // 2],

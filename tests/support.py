@@ -29,6 +29,16 @@ def wait_for_port(port: int, *, timeout: float, process: subprocess.Popen | None
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
+def label_versions(root: str) -> list[str]:
+    """Names of the labels version directories under a local run root, oldest first."""
+    import os
+
+    from pipeline.io import layout
+
+    directory = layout.labels_root(root)
+    return sorted(name for name in os.listdir(directory) if name.startswith("v")) if os.path.isdir(directory) else []
+
+
 def copy_models(source_root: str, target_root: str) -> None:
     """Put the exported networks of one run root into another (to relabel with the same models)."""
     from pipeline.io import layout, storage

@@ -1,16 +1,9 @@
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from hostile import encode
 from pipeline.data.images import ImageDecodeError, decode_image, image_size
-
-
-def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
 
 
 def _rgb(h=12, w=20):
@@ -20,7 +13,7 @@ def _rgb(h=12, w=20):
 
 def test_rgb_png_is_exact():
     array = _rgb()
-    out = decode_image(_encode(Image.fromarray(array)))
+    out = decode_image(encode(Image.fromarray(array)))
     assert out.dtype == np.uint8 and out.shape == (12, 20, 3) and np.array_equal(out, array)
 
 
@@ -29,7 +22,7 @@ def test_exif_orientation_is_applied():
     array[:, :10] = 255  # white on the left
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    data = _encode(Image.fromarray(array), "JPEG", exif=exif, quality=100)
+    data = encode(Image.fromarray(array), "JPEG", exif=exif, quality=100)
     out = decode_image(data)
     assert out.shape == (30, 10, 3)
     assert image_size(data) == (30, 10)
@@ -40,20 +33,20 @@ def test_exif_orientation_is_applied():
 def test_other_modes_become_rgb(mode):
     image = Image.fromarray(_rgb()).convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
-    out = decode_image(_encode(image, fmt))
+    out = decode_image(encode(image, fmt))
     assert out.shape == (12, 20, 3) and out.dtype == np.uint8
 
 
 def test_rgba_transparent_pixels_are_black():
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0] = 255  # red, but fully transparent
-    out = decode_image(_encode(Image.fromarray(rgba, "RGBA")))
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA")))
     assert out.max() == 0
 
 
 def test_sixteen_bit_greyscale_keeps_the_top_byte():
     values = np.array([[0, 257 * 10], [257 * 128, 65535]], np.uint16)
-    out = decode_image(_encode(Image.fromarray(values)))
+    out = decode_image(encode(Image.fromarray(values)))
     assert out[..., 0].tolist() == [[0, 10], [128, 255]] and (out[..., 0] == out[..., 2]).all()
 
 
@@ -69,15 +62,15 @@ def test_not_an_image():
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated(fmt):
-    data = _encode(Image.fromarray(_rgb(64, 64)), fmt)
+    data = encode(Image.fromarray(_rgb(64, 64)), fmt)
     with pytest.raises(ImageDecodeError, match="truncated|corrupt|unreadable"):
         decode_image(data[: len(data) // 2])
 
 
 def test_oversized_is_refused_before_decoding():
-    bomb = _encode(Image.new("1", (12000, 12000)))  # a few KB that would expand to 144 Mpx
+    bomb = encode(Image.new("1", (12000, 12000)))  # a few KB that would expand to 144 Mpx
     assert len(bomb) < 100_000
     with pytest.raises(ImageDecodeError, match="over the limit"):
         decode_image(bomb, max_pixels=40_000_000)
     with pytest.raises(ImageDecodeError, match="data.max_pixels"):
-        decode_image(_encode(Image.fromarray(_rgb())), max_pixels=100)
+        decode_image(encode(Image.fromarray(_rgb())), max_pixels=100)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.io import layout, storage
-from support import assert_same_outputs, copy_models, label_outputs
+from support import assert_same_outputs, copy_models, label_outputs, label_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -101,10 +101,10 @@ def test_sigterm_during_synthesis_resumes_the_same_labels_version(labelled, tmp_
     job = _start(args)
     # The labels version directory appears when synthesis starts; then wait for its first shard.
     deadline = time.time() + 300
-    while not _versions(root) and time.time() < deadline:
+    while not label_versions(root) and time.time() < deadline:
         assert job.poll() is None, job.stdout.read()[-3000:]
         time.sleep(0.05)
-    version = _versions(root)[0]
+    version = label_versions(root)[0]
     before = _interrupt_when(job, storage.join(layout.labels_dir(root, version), "images"), signal.SIGTERM)
     pending = json.loads(storage.read_text(layout.run_json(root)))["labels"]["pending"]
     assert pending["name"] == version and not pending.get("complete")
@@ -118,8 +118,3 @@ def test_sigterm_during_synthesis_resumes_the_same_labels_version(labelled, tmp_
     for uri, mtime in before.items():
         assert os.stat(uri).st_mtime_ns == mtime, uri
     assert_same_outputs(label_outputs(root), labelled["outputs"])
-
-
-def _versions(root: str) -> list[str]:
-    directory = layout.labels_root(root)
-    return sorted(name for name in os.listdir(directory) if name.startswith("v")) if os.path.isdir(directory) else []

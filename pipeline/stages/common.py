@@ -53,12 +53,14 @@ def drop_rows(directory: str, image_ids: set[str], *, prefix: str = "") -> int:
     leaves every shard either as it was or without those rows. Returns the rows dropped.
     """
     dropped = 0
+    if not image_ids:  # nothing to drop: do not read every shard to find that out
+        return 0
     for uri in storage.list_files(directory, ".parquet"):
         if not uri.rsplit("/", 1)[-1].startswith(prefix):
             continue
         ids = codecs.read_parquet_columns(uri, ["image_id"]).column("image_id").to_pylist()
         keep = [image_id not in image_ids for image_id in ids]
-        if all(keep):  # also when image_ids is empty
+        if all(keep):
             continue
         dropped += keep.count(False)
         if any(keep):

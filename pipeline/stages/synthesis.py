@@ -182,19 +182,17 @@ def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
     if uris is not None:  # labels of images no longer asked for leave this directory too
         stale |= current - set(uris)
         current &= set(uris)
-    failed = common.quarantined_ids(root, stage)
-    # The images row, which marks an image labelled, goes last.
-    common.drop_rows(storage.join(labels_dir, "instances"), stale)
+    pending = wanted - current - common.quarantined_ids(root, stage)
+    # Instance rows go for out-of-date images and for images about to be labelled (a writer that
+    # died between its two shards, or a version copy cut short, can leave them without an images
+    # row; labelling again would add them a second time). The images row, the marker, goes last.
+    common.drop_rows(storage.join(labels_dir, "instances"), stale | pending)
     for image_id in stale:
         storage.remove(layout.semantic_png(labels_dir, image_id))
         storage.remove(layout.instance_png(labels_dir, image_id))
     common.drop_rows(storage.join(labels_dir, "images"), stale)
-    pending = wanted - current - failed
     if not pending:
         return {"skipped": len(wanted)}
-    # Instance rows of an image without its images row (a writer died between the two shards, or
-    # a version copy was cut short) would be written again in another shard: drop them first.
-    common.drop_rows(storage.join(labels_dir, "instances"), pending)
     shards = storage.list_files(layout.cams_dir(root), ".parquet")
     section = cfg.synthesis
     ds = ray.data.from_items([{"uri": uri} for uri in shards]).flat_map(
