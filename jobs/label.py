@@ -10,7 +10,8 @@ import json
 
 from jobs import _cli
 from pipeline.io import layout, storage
-from pipeline.orchestrate import STAGES, metrics_uri, run_label
+from pipeline.orchestrate import STAGES, run_label
+from pipeline.stages.evaluate import metrics_uri
 
 
 def main(argv: list[str] | None = None) -> dict:

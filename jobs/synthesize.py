@@ -1,4 +1,4 @@
-"""IRNet inference and label synthesis, then the COCO export (Ray Data): ``python -m jobs.synthesize --config FILE [--set key=value ...]``.
+"""IRNet inference and label synthesis, then publishing the labels version (index, COCO) (Ray Data): ``python -m jobs.synthesize --config FILE [--set key=value ...]``.
 
 Runs only this stage of the end-to-end job (see jobs.label); a rerun resumes or skips.
 """
@@ -11,7 +11,7 @@ from pipeline.orchestrate import run_label
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = _cli.load(_cli.parser(__doc__).parse_args(argv))
-    return run_label(cfg, only=["synthesis", "coco"])
+    return run_label(cfg, only=["synthesis", "publish"])
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class RunConfig:
     root: str = "runs/default"  # run root, local path or s3://bucket/prefix
     retrain: Literal["never", "always", "auto"] = "auto"
     seed: int = 0
+    shard_rows: int = 2000  # images per Parquet shard (CAMs, label rows, instances, quarantine)
+    io_cpus: float = 0.25  # CPUs per decode / shard-writing task
+    progress_seconds: float = 10.0  # at most one progress line per stage this often
 
 
 @dataclass
@@ -70,6 +73,7 @@ class TrainCamConfig:
     crop_size: int = 512
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
+    bf16: bool = False  # bf16 autocast on GPU workers (opt-in)
     cpus_per_worker: float = 1.0
     max_failures: int = 3
 
@@ -83,6 +87,7 @@ class CamsConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    bf16: bool = False  # bf16 autocast in the network actors on GPU (opt-in)
     keep_high_res: bool = False  # also persist full-resolution CAMs
 
 
@@ -120,6 +125,7 @@ class TrainIrnConfig:
     radius: int = 10
     num_workers: int = 1
     use_gpu: bool = False
+    bf16: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3
 
@@ -138,10 +144,12 @@ class SynthesisConfig:
     centroid_iterations: int = 100
     centroid_threshold: float = 2.5
     min_fragment: float = 0.01
-    batch_size: int = 1
+    batch_size: int = 1  # images per IRNet forward (equal padded sizes are batched together)
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    bf16: bool = False
+    cpus_per_task: float = 1.0  # per post-processing task (random walk, instances, PNG/RLE writes)
 
 
 @dataclass
@@ -258,6 +266,7 @@ def _validate(cfg: Config) -> None:
         "synthesis.steps": cfg.synthesis.steps, "cams.num_actors": cfg.cams.num_actors,
         "synthesis.num_actors": cfg.synthesis.num_actors, "data.max_pixels": cfg.data.max_pixels,
         "cams.batch_size": cfg.cams.batch_size, "synthesis.batch_size": cfg.synthesis.batch_size,
+        "run.shard_rows": cfg.run.shard_rows, "run.io_cpus": cfg.run.io_cpus,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -1,10 +1,8 @@
-"""The end-to-end run: every stage in order, each skipped when its outputs are complete.
+"""The end-to-end run: every stage in order, each skipped when its outputs are current.
 
-train CAM -> CAMs + relation mining -> train IRNet -> synthesis -> COCO export -> evaluation ->
-report. ``run.json`` records what each stage did. Labels are versioned: a run writes
-``labels/<V>/`` and switches ``labels/LATEST`` to V only once V is complete, so a failed night
-leaves the previous version intact; a rerun on a grown manifest copies the previous version and
-labels only the new images.
+manifest -> train CAM -> CAMs + relation mining -> train IRNet -> synthesis -> publish (index,
+coco.json, LATEST) -> evaluation -> report. ``run.json`` records what each stage did; what counts
+as done, and so what a rerun redoes, is decided in :mod:`pipeline.ledger`.
 """
 
 from __future__ import annotations
@@ -16,62 +14,85 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import pyarrow as pa
-
+from pipeline import ledger
 from pipeline.config import Config
-from pipeline.data.manifest import ManifestRow, load_manifest, quarantine_table, rows_to_table
-from pipeline.io import codecs, layout, storage
-from pipeline.runstate import RunState, package_versions, to_json_safe
-from pipeline.stages import common
+from pipeline.io import layout, storage
+from pipeline.progress import summary_table
+from pipeline.stages import common, plan
 
 log = logging.getLogger(__name__)
-STAGES = ("train_cam", "cams", "train_irn", "synthesis", "coco", "evaluate", "report")
+STAGES = ("train_cam", "cams", "train_irn", "synthesis", "publish", "evaluate", "report")
+# Loggers that print Ray's own execution plans, checkpoint paths and actor notices.
+NOISY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.air", "ray._private", "ray.util",
+                 "ray.train.v2._internal.execution.controller.placement_group_cleaner")
 
 
-def _quiet_ray_train() -> None:
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+def _quiet_ray() -> None:
+    """Worker setup hook: Ray's own INFO lines (checkpoint paths, reports) stay in its log files."""
+    import importlib.util
+    import threading
+    import warnings
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Train reports each result through a logger named by its file path.
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+    # Ray Train's placement-group cleaner polls the State API, which needs the dashboard that an
+    # embedded run does not start; its monitor thread then dies with a traceback that says nothing
+    # about the job (the cleaner only matters when a controller dies and the cluster lives on).
+    default = threading.excepthook
+
+    def excepthook(args):
+        if args.thread is None or args.thread.name != "PlacementGroupCleanerMonitor":
+            default(args)
+
+    threading.excepthook = excepthook
 
 
 def init_ray(cfg: Config) -> None:
     """Join the cluster in RAY_ADDRESS (``ray job submit``) or start an embedded local Ray."""
     import ray
+    import ray.data
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address
-    if address == "auto-local":
-        address = os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
-        # Embedded: no dashboard or job server (Ray's own ports still listen on all interfaces, see
-        # README Security); workers import this checkout.
-        project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": _quiet_ray_train, "env_vars": {"PYTHONPATH": path}})
-    else:
-        ray.init(address=address)
+    if not ray.is_initialized():
+        address = cfg.ray.address
+        if address == "auto-local":
+            address = os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":
+            # Embedded: no dashboard or job server (Ray's own ports still listen on all interfaces,
+            # see README Security); workers import this checkout.
+            project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            path = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+                     runtime_env={"worker_process_setup_hook": _quiet_ray, "env_vars": {"PYTHONPATH": path}})
+        else:
+            ray.init(address=address)
+    _quiet_ray()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.verbose_stats_logs = False
 
 
 @dataclass
 class Run:
     cfg: Config
-    rows: list[ManifestRow]
+    manifest_dir: str
     classes: list[str]
-    state: RunState
+    state: ledger.RunState
     force: set[str] = field(default_factory=set)
     only: set[str] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def root(self) -> str:
         return self.cfg.run.root
 
-    def wanted(self, stage: str) -> bool:
-        return self.only is None or stage in self.only
-
     def stage(self, name: str, body: Callable[[], dict[str, Any]]) -> None:
         """Run one stage body; record status, counts and timing in run.json."""
-        if not self.wanted(name):
+        if self.only is not None and name not in self.only:
             return
         t0 = time.perf_counter()
         self.state.update_stage(name, status="running")
@@ -83,35 +104,30 @@ class Run:
             raise
         seconds = round(time.perf_counter() - t0, 2)
         status = "skipped" if counts.pop("_skipped", False) else "done"
-        self.timings[name] = seconds
         self.state.update_stage(name, status=status, seconds=seconds, counts=counts)
         log.info("stage %s: %s in %.1fs %s", name, status, seconds, counts)
 
+    # Keys (pipeline.ledger): what each stage's outputs were made from.
+    def cams_key(self) -> str:
+        return ledger.cams_key(self.cfg, self.classes, ledger.file_fingerprint(layout.model_file(self.root, "cam")))
 
-def cams_key(root: str) -> str | None:
-    """The key of the CAM/relation outputs in the run root (see stages.cams.stage_key)."""
-    marker = storage.join(layout.cams_dir(root), "_stage.json")
-    return json.loads(storage.read_text(marker)).get("key") if storage.exists(marker) else None
+    def recorded_cams_key(self) -> str | None:
+        return self.state.stage("cams").get("key")
 
-
-def _train_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
-    """Rows used for training: all but split 'val' (held out), or all if that leaves none."""
-    train = [r for r in rows if r.split != "val"]
-    return train or rows
+    def synthesis_key(self, method: str | None = None) -> str:
+        method = method or self.cfg.synthesis.method
+        models = [ledger.file_fingerprint(layout.model_file(self.root, m)) for m in ("cam", "irn")[:1 + (method != "cam")]]
+        return ledger.synthesis_key(self.cfg, self.classes, self.recorded_cams_key(), models, method)
 
 
 def _train_network(run: Run, network: str, key: str, train: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """Retrain by ``run.retrain`` (never / always / auto = when the key changed or no model)."""
-    stage = run.state.stage(f"train_{network}")
-    exists = storage.exists(layout.model_file(run.root, network))
-    policy = run.cfg.run.retrain
-    interrupted = stage.get("trained") is False  # a previous attempt died: finish it first
-    needed = (f"train_{network}" in run.force or not exists or interrupted or policy == "always"
-              or (policy == "auto" and stage.get("key") != key))
+    needed, resume = ledger.needs_training(run.state, network, key, policy=run.cfg.run.retrain,
+                                           forced=f"train_{network}" in run.force,
+                                           model_exists=storage.exists(layout.model_file(run.root, network)))
     if not needed:
         return {"_skipped": True, "model": layout.model_file(run.root, network)}
-    # Same key and an interrupted earlier attempt: resume its Ray Train run from the checkpoint.
-    resume = stage.get("key") == key and stage.get("trained") is False and stage.get("run_name")
+    stage = run.state.stage(f"train_{network}")
     name = stage["run_name"] if resume else f"{network}-{key}-{time.strftime('%Y%m%dT%H%M%S')}"
     run.state.update_stage(f"train_{network}", key=key, run_name=name, trained=False)
     meta = train(name)
@@ -120,158 +136,113 @@ def _train_network(run: Run, network: str, key: str, train: Callable[[str], dict
 
 
 def stage_train_cam(run: Run) -> dict[str, Any]:
-    from pipeline.train.cam import train_cam
+    key = ledger.train_cam_key(run.cfg, run.classes)
 
-    rows = _train_rows(run.rows)
-    key = common.fingerprint({"train_cam": common.settings(run.cfg.train_cam), "classes": run.classes})
-    return _train_network(run, "cam", key, lambda name: train_cam(run.cfg, rows_to_table(rows), run.classes, name=name))
+    def train(name: str) -> dict[str, Any]:
+        from pipeline.train.cam import train_cam  # Ray Train is imported only when training
+
+        table_ref, count_ref = common.run_task(plan.cam_training_rows, run.manifest_dir, run.classes, num_returns=2,
+                                               num_cpus=run.cfg.run.io_cpus)
+        return train_cam(run.cfg, table_ref, common.get(count_ref), run.classes, name=name)
+
+    return _train_network(run, "cam", key, train)
 
 
 def stage_cams(run: Run) -> dict[str, Any]:
     from pipeline.stages.cams import run_cams
 
-    counts = run_cams(run.cfg, rows_to_table(run.rows), run.classes)
-    return {**counts, "_skipped": counts.get("skipped") == len(run.rows)}
+    key = run.cams_key()
+    root = run.root
+    ledger.claim_stage_outputs(run.state, "cams", key, [layout.cams_dir(root), layout.relations_dir(root),
+                                                        layout.high_res_cams_dir(root)])
+    return run_cams(run.cfg, run.manifest_dir, run.classes, key)
 
 
 def stage_train_irn(run: Run) -> dict[str, Any]:
-    from pipeline.train.irn import train_irn
+    cams_key = run.recorded_cams_key()
+    key = ledger.train_irn_key(run.cfg, cams_key)
 
-    mined = set(common.read_column(layout.cams_dir(run.root), "image_id"))
-    rows = [r for r in _train_rows(run.rows) if r.image_id in mined]
-    table = pa.table({"uri": [r.uri for r in rows],
-                      "relation_uri": [layout.relation_png(run.root, r.image_id) for r in rows]})
-    key = common.fingerprint({"train_irn": common.settings(run.cfg.train_irn), "cams": cams_key(run.root)})
-    return _train_network(run, "irn", key, lambda name: train_irn(run.cfg, table, name=name))
+    def train(name: str) -> dict[str, Any]:
+        from pipeline.train.irn import train_irn
 
+        table_ref, count_ref = common.run_task(plan.irn_training_rows, run.root, run.manifest_dir, run.classes,
+                                               cams_key, num_returns=2, num_cpus=run.cfg.run.io_cpus)
+        return train_irn(run.cfg, table_ref, common.get(count_ref), name=name)
 
-def synthesis_key(run: Run) -> str:
-    models = ["cam"] if run.cfg.synthesis.method == "cam" else ["cam", "irn"]
-    return common.fingerprint({"synthesis": common.settings(run.cfg.synthesis, inference=True), "classes": run.classes,
-                               "cams": cams_key(run.root),
-                               "models": [common.file_fingerprint(layout.model_file(run.root, m)) for m in models]})
-
-
-def latest_version(root: str) -> str | None:
-    pointer = layout.latest_pointer(root)
-    return storage.read_text(pointer).strip() if storage.exists(pointer) else None
-
-
-def _copy_version(root: str, source: str, target: str, keep: set[str]) -> None:
-    """Copy a complete labels version's outputs for the images in ``keep`` into a new version.
-
-    Files of kept images are copied whole (server-side on S3); shards that also list images no
-    longer in the manifest are rewritten without them.
-    """
-    src, dst = layout.labels_dir(root, source), layout.labels_dir(root, target)
-    for sub in ("semantic", "instance"):
-        for uri in storage.list_files(storage.join(src, sub), ".png"):
-            name = uri.rsplit("/", 1)[-1]
-            if name.removesuffix(".png") in keep:
-                storage.copy(uri, storage.join(dst, sub, name))
-    for sub in ("instances", "images"):
-        for uri in storage.list_files(storage.join(src, sub), ".parquet"):
-            target_uri = storage.join(dst, sub, uri.rsplit("/", 1)[-1])
-            ids = codecs.read_parquet_columns(uri, ["image_id"]).column("image_id").to_pylist()
-            kept = [image_id in keep for image_id in ids]
-            if all(kept):
-                storage.copy(uri, target_uri)
-            elif any(kept):
-                table = codecs.read_parquet(uri)
-                codecs.write_parquet(target_uri, table.filter(pa.array(kept, pa.bool_())))
+    return _train_network(run, "irn", key, train)
 
 
 def stage_synthesis(run: Run) -> dict[str, Any]:
-    """Label the manifest's images into a labels version: the current one if it is complete and
-    holds exactly this manifest's images, else a new one (a copy of the previous version's images
-    that are still in the manifest, plus the rest)."""
-    from pipeline.stages.synthesis import current_labels, run_synthesis
+    """Label what the next labels version needs (ledger.begin_version / plan_synthesis)."""
+    from pipeline.stages.synthesis import run_synthesis
 
-    key, labels = synthesis_key(run), run.state.labels
-    ids = {r.image_id for r in run.rows}
-    latest, pending = latest_version(run.root), labels.get("pending")
-    if pending and pending["name"] == latest:  # published; the run stopped before it said so
-        labels["pending"] = pending = None
-        run.state.save()
-    forced = "synthesis" in run.force
-    if pending and pending["key"] == key and not forced:
-        version = pending["name"]  # resume the version an interrupted run was writing
-        pending.pop("complete", None)
-        run.state.save()
-    else:
-        latest_key = labels["versions"].get(latest, {}).get("key") if latest else None
-        reusable: set[str] = set()  # images of the latest version whose labels are still right
-        if latest and latest_key == key and not forced:
-            cams = common.read_class_ids(layout.cams_dir(run.root))
-            reusable, stale = current_labels(cams, layout.labels_dir(run.root, latest))
-            failed = common.quarantined_ids(run.root, "synthesis")
-            if not stale and reusable <= ids and not (set(cams) & ids) - reusable - failed:
-                if pending:  # an unfinished version of other settings: abandoned, not published
-                    labels["pending"] = None
-                    run.state.save()
-                return {"_skipped": True, "version": latest, "images": len(reusable)}
-        version = time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime())
-        labels["pending"] = {"name": version, "key": key, "base": latest if reusable else None}
-        run.state.save()
-        if reusable:
-            _copy_version(run.root, latest, version, reusable & ids)
-    counts = run_synthesis(run.cfg, layout.labels_dir(run.root, version), uris={r.image_id: r.uri for r in run.rows})
-    labels["pending"]["complete"] = True
+    key = run.synthesis_key()
+    pending = ledger.begin_version(run.state, run.root, key, forced="synthesis" in run.force)
+    ledger.record_pending(run.state, pending)
+    version, base = pending["name"], pending["base"]
+    base_dir = layout.labels_dir(run.root, base) if base else None
+    counts = run_synthesis(run.cfg, run.manifest_dir, run.classes, run.recorded_cams_key(), key,
+                           layout.labels_dir(run.root, version), base_dir)
+    if not pending["resumed"] and base and counts["pending"] == 0 and counts["removed"] == 0:
+        ledger.record_pending(run.state, None)  # the latest version is current: no new version
+        return {**counts, "_skipped": True, "version": base}
+    run.state.labels["pending"]["complete"] = True
     run.state.save()
     return {**counts, "version": version}
 
 
-def stage_coco(run: Run) -> dict[str, Any]:
-    from pipeline.stages.coco import export_coco
+def stage_publish(run: Run) -> dict[str, Any]:
+    """Write the new version's index and coco.json, record it, then point LATEST at it."""
+    from pipeline.stages.coco import write_coco
 
-    labels = run.state.labels
-    pending = labels.get("pending")
+    pending = run.state.labels.get("pending")
     if not pending:
-        return {"_skipped": True, "version": latest_version(run.root)}
+        return {"_skipped": True, "version": ledger.latest_version(run.root)}
     if not pending.get("complete"):
         raise RuntimeError(f"labels version {pending['name']} is not complete; run the synthesis stage first")
-    version = pending["name"]
-    summary = export_coco(layout.labels_dir(run.root, version), run.classes)
-    labels["versions"][version] = {"key": pending["key"], "base": pending.get("base"),
-                                   "images": summary.get("num_images"), "instances": summary.get("num_annotations")}
-    run.state.save()
-    # The version is complete: make it the one users see, atomically. A run that stops right
-    # after this still lists it as pending; the next run sees LATEST names it and never resumes it.
-    storage.write_text(layout.latest_pointer(run.root), version + "\n")
-    labels["pending"] = None
-    run.state.save()
-    return {"version": version, "images": summary.get("num_images"), "instances": summary.get("num_annotations")}
-
-
-def metrics_uri(root: str) -> str:
-    return storage.join(layout.report_dir(root), "metrics.json")
+    version, base = pending["name"], pending.get("base")
+    labels_dir = layout.labels_dir(run.root, version)
+    summary = common.get(common.run_task(
+        plan.build_index, run.root, run.manifest_dir, run.classes, run.recorded_cams_key(), pending["key"], labels_dir,
+        base, layout.labels_dir(run.root, base) if base else None, num_cpus=run.cfg.run.io_cpus))
+    coco = common.get(common.run_task(write_coco, labels_dir, run.classes, num_cpus=run.cfg.run.io_cpus))
+    summary["instances_per_class"] = coco["annotations_per_category"]
+    ledger.publish_version(run.state, run.root, version, summary)
+    return {"version": version, "images": summary["images"], "instances": summary["instances"]}
 
 
 def stage_evaluate(run: Run) -> dict[str, Any]:
-    from pipeline.stages.evaluate import cam_classification_map, evaluate_labels
+    from pipeline.stages.evaluate import cam_classification_map, evaluate_labels, metrics_uri
     from pipeline.stages.synthesis import run_synthesis
 
-    gt_rows = [r for r in run.rows if r.has_ground_truth]
-    version = latest_version(run.root)
-    if not gt_rows or version is None:
-        return {"_skipped": True, "reason": "no ground truth" if not gt_rows else "no labels"}
-    key = common.fingerprint({"version": version, "eval": vars(run.cfg.eval), "ids": sorted(r.image_id for r in gt_rows)})
-    if storage.exists(metrics_uri(run.root)) and "evaluate" not in run.force:
-        if json.loads(storage.read_text(metrics_uri(run.root))).get("key") == key:
-            return {"_skipped": True, "version": version}
-    thresholds = run.cfg.eval.iou_thresholds
-    result = {"key": key, "labels_version": version,
-              "irnet": evaluate_labels(layout.labels_dir(run.root, version), gt_rows, run.classes,
-                                       iou_thresholds=thresholds), "ablations": {}}
-    if run.cfg.eval.ablations:
-        uris = {r.image_id: r.uri for r in gt_rows}
+    manifest = run.state.data["manifest"]
+    version = ledger.latest_version(run.root)
+    if not manifest["ground_truth"] or version is None:
+        return {"_skipped": True, "reason": "no ground truth" if not manifest["ground_truth"] else "no labels"}
+    cfg = run.cfg
+    key = ledger.fingerprint({"version": version, "eval": vars(cfg.eval), "gt": manifest["ground_truth_digest"]})
+    if (storage.exists(metrics_uri(run.root)) and "evaluate" not in run.force
+            and run.state.stage("evaluate").get("key") == key):
+        return {"_skipped": True, "version": version}
+    result = {"labels_version": version,
+              "irnet": evaluate_labels(cfg, run.manifest_dir, layout.labels_dir(run.root, version), run.classes),
+              "ablations": {}}
+    if cfg.eval.ablations:
         for method in ("cam", "cam_boundary"):
-            directory = storage.join(layout.report_dir(run.root), "ablations", f"{method}-{synthesis_key(run)}")
-            run_synthesis(run.cfg, directory, method=method, uris=uris, stage=f"ablation_{method}")
-            result["ablations"][method] = evaluate_labels(directory, gt_rows, run.classes, iou_thresholds=thresholds)
-    result["cam_classification"] = cam_classification_map(run.root, run.rows, run.classes,
-                                                          max_images=run.cfg.eval.max_classification_images)
-    storage.write_text(metrics_uri(run.root), json.dumps(to_json_safe(result), indent=2, sort_keys=True))
+            key_m = run.synthesis_key(method)
+            directory = storage.join(layout.report_dir(run.root), "ablations", f"{method}-{key_m}")
+            run_synthesis(cfg, run.manifest_dir, run.classes, run.recorded_cams_key(), key_m, directory, None,
+                          method=method, stage=f"ablation_{method}", ground_truth_only=True)
+            common.get(common.run_task(plan.build_index, run.root, run.manifest_dir, run.classes,
+                                       run.recorded_cams_key(), key_m, directory, None, None,
+                                       stage=f"ablation_{method}", ground_truth_only=True, num_cpus=cfg.run.io_cpus))
+            result["ablations"][method] = evaluate_labels(cfg, run.manifest_dir, directory, run.classes,
+                                                          name=f"evaluate {method}")
+    result["cam_classification"] = common.get(common.run_task(
+        cam_classification_map, run.root, run.manifest_dir, run.classes,
+        max_images=cfg.eval.max_classification_images))
+    storage.write_text(metrics_uri(run.root), json.dumps(ledger.to_json_safe(result), indent=2, sort_keys=True))
+    run.state.update_stage("evaluate", key=key)
     full = result["irnet"]
     return {"miou": full["miou"], **{f"ap{t}": v for t, v in full["ap"].items()}}
 
@@ -284,33 +255,35 @@ def stage_report(run: Run) -> dict[str, Any]:
 
 def run_label(cfg: Config, *, from_stage: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the run summary written to run.json."""
+    from pipeline.stages.manifest import ingest_manifest
+
     for name in [from_stage] + list(only or []):
         if name is not None and name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     t0 = time.perf_counter()
     init_ray(cfg)
-    state = RunState(cfg.run.root)
-    state.data.update(config=cfg.to_dict(), versions=package_versions())
-    rows, quarantine, classes = load_manifest(cfg.data.manifest, cfg.data.classes)
+    state = ledger.RunState(cfg.run.root)
+    state.data.update(config=cfg.to_dict(), versions=ledger.package_versions())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    t_manifest = time.perf_counter()
+    summary = ingest_manifest(cfg, stamp)
+    classes = summary.pop("classes")
     if not classes:
         raise ValueError("no classes: data.classes is empty and no manifest row has a label")
-    # The manifest's own quarantine is one shard, rewritten each run: it describes this manifest.
-    manifest_quarantine = storage.join(layout.quarantine_dir(cfg.run.root), "manifest.parquet")
-    if quarantine or storage.exists(manifest_quarantine):
-        codecs.write_parquet(manifest_quarantine, quarantine_table(quarantine))
-    codecs.write_parquet(layout.manifest_table(cfg.run.root), rows_to_table(rows))
-    state.data["manifest"] = {"uri": cfg.data.manifest, "valid": len(rows), "quarantined": len(quarantine),
-                              "classes": classes}
-    state.save()
+    state.data["manifest"] = {"uri": cfg.data.manifest, "stamp": stamp, "classes": classes, **summary}
+    state.update_stage("manifest", status="done", seconds=round(time.perf_counter() - t_manifest, 2),
+                       counts={k: v for k, v in summary.items() if k != "ground_truth_digest"})
     # --from-stage reruns that stage and everything after it; --only runs just the named stages
     # (each still skipped when its outputs are current).
     force = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
-    run = Run(cfg, rows, classes, state, force=force, only=set(only) if only else None)
+    run = Run(cfg, layout.manifest_dir(cfg.run.root, stamp), classes, state, force=force,
+              only=set(only) if only else None)
     for name, body in (("train_cam", stage_train_cam), ("cams", stage_cams), ("train_irn", stage_train_irn),
-                       ("synthesis", stage_synthesis), ("coco", stage_coco), ("evaluate", stage_evaluate),
+                       ("synthesis", stage_synthesis), ("publish", stage_publish), ("evaluate", stage_evaluate),
                        ("report", stage_report)):
         run.stage(name, lambda body=body: body(run))
-    state.data["last_run"] = {"seconds": round(time.perf_counter() - t0, 1), "stage_seconds": run.timings,
-                              "labels_version": latest_version(cfg.run.root)}
+    state.data["last_run"] = {"seconds": round(time.perf_counter() - t0, 1),
+                              "labels_version": ledger.latest_version(cfg.run.root)}
     state.save()
+    log.info("run summary (%s):\n%s", cfg.run.root, summary_table(state.data["stages"], ("manifest",) + STAGES))
     return state.data

@@ -183,7 +183,7 @@ th, td { padding: 5px 12px; border-bottom: 1px solid #e3e6ea; text-align: left; 
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .metrics { display: flex; gap: 14px; flex-wrap: wrap; } .metric { padding: 12px 18px; min-width: 110px; }
 .metric .value { font-size: 28px; font-weight: 650; } .metric .name, .note, figcaption { color: #5b6573; }
-.note { font-style: italic; } .status-ok, .status-done { color: #1a7f37; }
+.note { font-style: italic; } .warning { color: #b35c00; font-weight: 600; } .status-ok, .status-done { color: #1a7f37; }
 .status-failed, .status-error { color: #c62828; font-weight: 600; } .status-skipped, .status-cached { color: #5b6573; }
 .preview { padding: 10px 12px; margin-bottom: 14px; } .panels { display: flex; gap: 10px; flex-wrap: wrap; }
 .preview h3 { font-size: 14px; margin: 0 0 8px; font-family: ui-monospace, Menlo, Consolas, monospace; }
@@ -193,7 +193,8 @@ _STATUS_CLASSES = {"ok", "done", "failed", "error", "skipped", "cached"}
 
 
 def render_report(*, title: str, summary: dict, stage_rows: list[dict], class_rows: list[dict],
-                  metrics: dict | None, ablation_rows: list[dict], previews: list[dict]) -> str:
+                  metrics: dict | None, ablation_rows: list[dict], previews: list[dict],
+                  tables: list[dict] = ()) -> str:
     """The report as one HTML document (str); every string from the inputs is escaped.
 
     Args:
@@ -204,6 +205,8 @@ def render_report(*, title: str, summary: dict, stage_rows: list[dict], class_ro
         metrics: headline {name: value} (mIoU, AP50 ...), or None when there is no ground truth.
         ablation_rows: [{"method", "miou", "ap50", "ap70"}] (paper Tables 1-2); omitted when empty.
         previews: [{"image_id": str, "panels": {name: PNG bytes}}] from ``overlay_previews``.
+        tables: more sections, each {"title", "header": [str], "rows": [[value]], "notes": [str]};
+            notes are shown as warnings under the table.
 
     Metric values that are floats in [0, 1] are shown as percentages with one decimal (0.523 -> 52.3).
     """
@@ -220,6 +223,9 @@ def render_report(*, title: str, summary: dict, stage_rows: list[dict], class_ro
                   _table(["method", "mIoU", "AP50", "AP70"],
                          [[row.get("method"), _fmt_metric(row.get("miou")), _fmt_metric(row.get("ap50")),
                            _fmt_metric(row.get("ap70"))] for row in ablation_rows], numeric_from=1)]
+    for table in tables:
+        parts += [f"<h2>{_esc(table['title'])}</h2>", _table(table["header"], table["rows"], numeric_from=1)]
+        parts += [f'<p class="warning">{_esc(note)}</p>' for note in table.get("notes", [])]
     if previews:
         parts += ["<h2>Previews</h2>"] + [_preview_block(p) for p in previews]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

@@ -3,8 +3,10 @@
 Used by tests/test_node_failure.py (run as a script, in its own process: it owns the cluster).
 A watcher thread follows the run root and, in order:
 1. kills a Ray Train worker process once CAM training has a registered checkpoint;
-2. removes the worker node running CRF mining once the first CAM shard exists;
-3. removes the node of the synthesis actor once the first labels shard exists.
+2. removes the worker node running CRF mining (else the CAM network actor) once the first CAM
+   shard exists;
+3. removes the node running a labelling task (else the IRNet actor) once the first labels shard
+   exists.
 The cluster starts with three worker nodes, so one survives (nodes can only be added from the
 main thread, which runs the job).
 Prints one JSON line with what it did and the run summary.
@@ -63,8 +65,8 @@ class Chaos(threading.Thread):
     def run(self) -> None:
         try:
             self.kill_training_worker()
-            self.kill_node_during("cams", layout.cams_dir(self.root), "mine_and_write", "CamInference")
-            self.kill_node_during("synthesis", None, "Synthesize", "Synthesize")
+            self.kill_node_during("cams", layout.cams_dir(self.root), "mine_and_write", "CamNetwork")
+            self.kill_node_during("synthesis", None, "label_and_write", "IrnNetwork")
         except Exception as err:  # noqa: BLE001 - reported to the test, which fails on it
             self.error = f"{type(err).__name__}: {err}"
 

@@ -39,9 +39,11 @@ def tiny_config(tmp: str, manifest: str) -> list[str]:
     return [f"data.manifest={manifest}", f"data.classes=[{', '.join(CLASSES)}]", f"run.root={tmp}/run",
             "train_cam.depth=18", "train_cam.backbone_init=none", "train_cam.batch_size=4", "train_cam.epochs=1",
             "train_cam.crop_size=64", "train_cam.resize_long=[64, 80]", "train_cam.cpus_per_worker=0.5",
+            "train_cam.num_workers=2", "train_irn.num_workers=2",  # DDP over two Ray Train workers
             "cams.scales=[1.0, 0.5]", "cams.cpus_per_actor=0.5", "relations.cpus_per_task=0.5",
             "train_irn.depth=18", "train_irn.batch_size=4", "train_irn.epochs=1", "train_irn.crop_size=64",
-            "train_irn.cpus_per_worker=0.5", "synthesis.cpus_per_actor=0.5", "synthesis.steps=64",
+            "train_irn.cpus_per_worker=0.5", "synthesis.cpus_per_actor=0.5", "synthesis.cpus_per_task=0.5",
+            "synthesis.steps=64",
             "eval.num_previews=2"]
 
 

@@ -52,13 +52,14 @@ def copy_models(source_root: str, target_root: str) -> None:
 def label_outputs(root: str) -> dict[str, dict]:
     """Every per-image output of a run root's latest labels, by image id, for comparing runs.
 
-    Checks on the way that each image has exactly one CAM row and one labels row (none missing,
+    Checks on the way that each image has exactly one CAM row and one index row (none missing,
     none duplicated) and that every file decodes (none half-written).
     """
     import json
 
     import numpy as np
 
+    from pipeline import ledger
     from pipeline.io import codecs, layout, storage
     from pipeline.stages.cams import read_cam_rows
 
@@ -69,24 +70,22 @@ def label_outputs(root: str) -> dict[str, dict]:
         for row in read_cam_rows(uri):
             assert row["image_id"] not in outputs, f"{row['image_id']} has two CAM rows"
             outputs[row["image_id"]] = {"cams": row["cams"], "class_ids": row["class_ids"]}
-    listed = [i for uri in storage.list_files(storage.join(labels, "images"), ".parquet")
-              for i in codecs.read_parquet(uri).column("image_id").to_pylist()]
-    assert len(listed) == len(set(listed)), "an image is listed twice in labels/images"
+    index = ledger.read_index(labels).to_pylist()
+    listed = [r["image_id"] for r in index]
+    assert len(listed) == len(set(listed)), "an image is listed twice in the index"
     assert sorted(listed) == sorted(outputs), "labelled images differ from the images with CAMs"
-    instances: dict[str, list] = {}
-    for uri in storage.list_files(storage.join(labels, "instances"), ".parquet"):
-        for row in codecs.read_parquet(uri).to_pylist():
-            instances.setdefault(row["image_id"], []).append(row)
-    for image_id, out in outputs.items():
-        out["relations"] = codecs.decode_label_png(storage.read_bytes(layout.relation_png(root, image_id)))
-        out["semantic"] = codecs.decode_label_png(storage.read_bytes(layout.semantic_png(labels, image_id)))
-        out["instance"] = codecs.decode_label_png(storage.read_bytes(layout.instance_png(labels, image_id)))
-        rows = sorted(instances.get(image_id, []), key=lambda r: r["instance_id"])
-        assert [r["instance_id"] for r in rows] == list(range(1, len(rows) + 1)), f"{image_id}: instance rows"
+    for row in index:
+        out = outputs[row["image_id"]]
+        out["relations"] = codecs.decode_label_png(storage.read_bytes(layout.relation_png(root, row["image_id"])))
+        out["semantic"] = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["semantic_uri"], labels)))
+        out["instance"] = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["instance_uri"], labels)))
+        shard = codecs.read_parquet(storage.resolve(row["instances_uri"], labels), filters=[("image_id", "=", row["image_id"])])
+        rows = sorted(shard.to_pylist(), key=lambda r: r["instance_id"])
+        assert [r["instance_id"] for r in rows] == list(range(1, row["num_instances"] + 1)), f"{row['image_id']}: instances"
         # Ids in the PNG are instance rows (an instance may be hidden under higher-scoring ones).
-        assert set(np.unique(out["instance"]).tolist()) - {0} <= {r["instance_id"] for r in rows}, image_id
+        assert set(np.unique(out["instance"]).tolist()) - {0} <= {r["instance_id"] for r in rows}, row["image_id"]
         out["instances"] = [(r["class_id"], round(r["score"], 5), r["rle_counts"]) for r in rows]
-    coco = json.loads(storage.read_text(storage.join(labels, "coco.json")))
+    coco = json.loads(storage.read_text(layout.coco_file(labels)))
     assert sorted(image["file_name"] for image in coco["images"]) == sorted(outputs)
     return outputs
 

@@ -1,4 +1,5 @@
-"""Tests for pipeline.stages.coco: a hand-built labels version exported and read by pycocotools."""
+"""COCO export by streaming: hand-built labels versions (committed as synthesis commits them)
+written by pipeline.stages.coco.write_coco and read back by pycocotools."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.io.layout import part_name
-from pipeline.stages.coco import export_coco
-from pipeline.stages.synthesis import IMAGE_SCHEMA, INSTANCE_SCHEMA
+from pipeline import ledger
+from pipeline.io import codecs, layout, storage
+from pipeline.stages.coco import coco_part, write_coco
+from pipeline.stages.synthesis import instance_rows
 
 CLASSES = ["cat", "dog", "car"]
 
@@ -31,48 +32,49 @@ def _masks() -> dict[str, list[tuple[int, float, np.ndarray]]]:
     return {"img-a": [(1, 0.9, a1), (3, 0.25, a2)], "img-b": [(2, 0.5, b1)], "img-c": []}
 
 
-def _rows(image_id: str, instances) -> tuple[dict, list[dict]]:
-    size = (10, 14) if image_id == "img-a" else (12, 9) if image_id == "img-b" else (8, 8)
-    image = {"image_id": image_id, "uri": f"/data/{image_id}.jpg", "height": size[0], "width": size[1],
-             "num_instances": len(instances)}
-    rows = []
-    for i, (class_id, score, mask) in enumerate(instances):
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        rows.append({"image_id": image_id, "instance_id": i + 1, "class_id": class_id, "score": score,
-                     "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                     "rle_counts": rle["counts"].decode("ascii"), "height": size[0], "width": size[1]})
-    return image, rows
+SIZES = {"img-a": (10, 14), "img-b": (12, 9), "img-c": (8, 8)}
 
 
-def _write_labels(root, groups: list[list[str]], *, reverse_rows: bool = False) -> str:
-    """A labels dir with one images shard and one instances shard (same name) per group."""
-    masks = _masks()
+def _commit(labels_dir: str, group: list[str], *, reverse: bool = False) -> list[dict]:
+    """Commit ``group`` as one synthesis batch; returns its images rows."""
+    images, instances = [], []
+    for image_id in group:
+        masks = _masks()[image_id]
+        stack = np.stack([m for _, _, m in masks]) if masks else np.zeros((0,) + SIZES[image_id], bool)
+        rows = instance_rows(image_id, stack, np.array([c for c, _, _ in masks]), np.array([s for _, s, _ in masks]))
+        instances += rows[::-1] if reverse else rows
+        images.append({"image_id": image_id, "key": f"k-{image_id}", "uri": f"/data/{image_id}.jpg",
+                       "height": SIZES[image_id][0], "width": SIZES[image_id][1], "class_ids": [],
+                       "num_instances": len(masks), "semantic_uri": f"semantic/{image_id}.png",
+                       "instance_uri": f"instance/{image_id}.png", "instances_uri": None,
+                       "fg_fraction": 0.0, "cam_fraction": 0.0})
+    ledger.commit_labels(labels_dir, images, instances, coco_part(instances))
+    return images
+
+
+def _version(tmp_path, name: str, groups: list[list[str]], **kwargs) -> str:
+    labels_dir = str(tmp_path / name)
     for group in groups:
-        images, instances = [], []
-        for image_id in group:
-            image, rows = _rows(image_id, masks[image_id])
-            images.append(image)
-            instances += rows[::-1] if reverse_rows else rows
-        name = part_name(group)
-        for sub, rows, schema in (("instances", instances, INSTANCE_SCHEMA), ("images", images, IMAGE_SCHEMA)):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(root / sub / name))
-    return str(root)
+        _commit(labels_dir, group, **kwargs)
+    index = ledger.labelled_rows(labels_dir).sort_by("image_id")
+    codecs.write_parquet(layout.index_file(labels_dir), index)
+    return labels_dir
 
 
-def test_export_coco_round_trips_through_pycocotools(tmp_path):
-    labels = _write_labels(tmp_path / "v1", [["img-b", "img-a"], ["img-c"]])
-    summary = export_coco(labels, CLASSES)
-    assert summary == {"uri": f"{labels}/coco.json", "num_images": 3, "num_annotations": 3, "num_categories": 3}
-
+def test_write_coco_round_trips_through_pycocotools(tmp_path):
+    labels = _version(tmp_path, "v1", [["img-b", "img-a"], ["img-c"]])
+    summary = write_coco(labels, CLASSES)
+    assert summary["num_images"] == 3 and summary["num_annotations"] == 3 and summary["num_categories"] == 3
+    assert summary["annotations_per_category"] == {"cat": 1, "dog": 1, "car": 1}
     coco = COCO(summary["uri"])
-    assert [(im["id"], im["file_name"], im["height"], im["width"]) for im in coco.dataset["images"]] == [
-        (1, "img-a", 10, 14), (2, "img-b", 12, 9), (3, "img-c", 8, 8)]
+    assert sorted((im["file_name"], im["height"], im["width"]) for im in coco.dataset["images"]) == [
+        ("img-a", 10, 14), ("img-b", 12, 9), ("img-c", 8, 8)]
+    assert sorted(im["id"] for im in coco.dataset["images"]) == [1, 2, 3]
     assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == [(1, "cat"), (2, "dog"), (3, "car")]
-    assert coco.getAnnIds(imgIds=[3]) == []
     by_name = {im["file_name"]: im["id"] for im in coco.dataset["images"]}
+    assert coco.getAnnIds(imgIds=[by_name["img-c"]]) == []
     for image_id, instances in _masks().items():
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=[by_name[image_id]]))
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[by_name[image_id]])), key=lambda a: a["id"])
         assert len(anns) == len(instances)
         for ann, (class_id, score, mask) in zip(anns, instances):
             np.testing.assert_array_equal(coco.annToMask(ann), mask.astype(np.uint8))
@@ -80,34 +82,56 @@ def test_export_coco_round_trips_through_pycocotools(tmp_path):
             assert ann["area"] == mask.sum()
             ys, xs = np.nonzero(mask)
             assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-    assert [a["id"] for a in coco.dataset["annotations"]] == [1, 2, 3]
+    assert sorted(a["id"] for a in coco.dataset["annotations"]) == [1, 2, 3]
 
 
-def test_export_coco_bytes_do_not_depend_on_shards(tmp_path):
-    first = export_coco(_write_labels(tmp_path / "a", [["img-b", "img-a"], ["img-c"]]), CLASSES)
-    second = export_coco(_write_labels(tmp_path / "b", [["img-c", "img-a"], ["img-b"]], reverse_rows=True), CLASSES,
-                         out_uri=str(tmp_path / "out" / "b.json"))
+def test_write_coco_bytes_do_not_depend_on_row_order_within_shards(tmp_path):
+    first = write_coco(_version(tmp_path, "a", [["img-b", "img-a", "img-c"]]), CLASSES)
+    labels_b = _version(tmp_path, "b", [["img-c", "img-a", "img-b"]], reverse=True)
+    second = write_coco(labels_b, CLASSES, out_uri=str(tmp_path / "out" / "b.json"))
     assert second["uri"] == str(tmp_path / "out" / "b.json")
     assert (tmp_path / "a" / "coco.json").read_bytes() == (tmp_path / "out" / "b.json").read_bytes()
     assert first["num_annotations"] == second["num_annotations"] == 3
 
 
-def test_export_coco_ignores_instances_of_unfinished_batches(tmp_path):
-    labels = _write_labels(tmp_path / "v", [["img-a"], ["img-b", "img-c"]])
-    # A crashed batch: its instances shard exists (another batching of img-a) but no images shard.
-    _, rows = _rows("img-a", _masks()["img-a"])
-    pq.write_table(pa.Table.from_pylist(rows[:1], schema=INSTANCE_SCHEMA),
-                   str(tmp_path / "v" / "instances" / part_name(["img-a", "img-x"])))
-    summary = export_coco(labels, CLASSES)
-    assert summary["num_annotations"] == 3
-    data = json.loads((tmp_path / "v" / "coco.json").read_text())
-    assert [a["image_id"] for a in data["annotations"]] == [1, 1, 2]
+def test_a_version_that_references_an_earlier_one_reads_its_parts(tmp_path):
+    v1 = _version(tmp_path, "v1", [["img-a", "img-b"]])
+    v2 = str(tmp_path / "v2")
+    _commit(v2, ["img-c"])
+    reused = ledger.read_index(v1)
+    for column in ledger.URI_COLUMNS:
+        reused = reused.set_column(reused.schema.get_field_index(column), column,
+                                   ledger.relative_to_sibling(reused.column(column), "v1"))
+    index = pa.concat_tables([reused, ledger.labelled_rows(v2)]).sort_by("image_id")
+    codecs.write_parquet(layout.index_file(v2), index)
+    assert index.column("semantic_uri").to_pylist() == ["../v1/semantic/img-a.png", "../v1/semantic/img-b.png",
+                                                        "semantic/img-c.png"]
+    summary = write_coco(v2, CLASSES)
+    assert summary["num_images"] == 3 and summary["num_annotations"] == 3
+    coco = COCO(summary["uri"])
+    assert sorted(im["file_name"] for im in coco.dataset["images"]) == ["img-a", "img-b", "img-c"]
+    assert not storage.list_files(str(tmp_path / "v2" / "semantic"))  # nothing was copied
 
 
-def test_export_coco_rejects_inconsistent_labels(tmp_path):
-    labels = _write_labels(tmp_path / "v", [["img-a", "img-b", "img-c"]])
-    with pytest.raises(ValueError, match="class_id 3"):
-        export_coco(labels, CLASSES[:2])
-    (tmp_path / "v" / "instances" / part_name(["img-a", "img-b", "img-c"])).unlink()
+def test_file_names_with_extensions_for_exports_with_images(tmp_path):
+    labels = _version(tmp_path, "v1", [["img-a"]])
+    write_coco(labels, CLASSES, out_uri=str(tmp_path / "c.json"), file_names="id+ext")
+    assert [im["file_name"] for im in json.loads((tmp_path / "c.json").read_text())["images"]] == ["img-a.jpg"]
+
+
+def test_write_coco_rejects_a_part_that_does_not_match_the_index(tmp_path):
+    labels = _version(tmp_path, "v", [["img-a", "img-b", "img-c"]])
+    (part,) = [u for u in storage.list_files(str(tmp_path / "v" / "instances")) if u.endswith(".coco.tsv")]
+    lines = storage.read_text(part).splitlines()
+    storage.write_text(part, "\n".join(line for line in lines if not line.startswith("img-a")) + "\n")
     with pytest.raises(ValueError, match="img-a"):
-        export_coco(labels, CLASSES)
+        write_coco(labels, CLASSES)
+    assert not (tmp_path / "v" / "coco.json").exists()  # a failed stream leaves no file behind
+
+
+def test_rle_in_parts_decodes_to_the_masks():
+    rows = instance_rows("x", np.stack([_masks()["img-a"][0][2]]), np.array([1]), np.array([0.5]))
+    image_id, body = coco_part(rows).decode().rstrip("\n").split("\t")
+    ann = json.loads(body)
+    mask = mask_utils.decode({"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()})
+    assert image_id == "x" and np.array_equal(mask.astype(bool), _masks()["img-a"][0][2])

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.synthetic import write_synthetic_set
+from pipeline import ledger
 from pipeline.io import layout, storage
-from support import free_port, wait_for_port
+from support import copy_models, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -64,17 +65,18 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_label_job(ray_head, tmp_path):
+def test_ray_job_submit_runs_the_label_job(ray_head, labelled, tmp_path):
     manifest = write_synthetic_set(str(tmp_path / "data"), num_images=6, seed=5, num_classes=4,
                                    min_size=64, max_size=80)
     root = str(tmp_path / "run")
+    copy_models(labelled["root"], root)  # the session's networks: this test is about submission
     submission_id = f"irn-test-{os.getpid()}-{int(time.time())}"
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     submitted = subprocess.run(
         [ray_cli, "job", "submit", "--address", ray_head["address"], "--submission-id", submission_id,
          "--working-dir", ".", "--no-wait", "--",
          "python", "-m", "jobs.label", "--config", "configs/tiny.yaml",
-         "--set", f"data.manifest={manifest}", "--set", f"run.root={root}"],
+         "--set", f"data.manifest={manifest}", "--set", f"run.root={root}", "--set", "run.retrain=never"],
         cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=180)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
 
@@ -91,13 +93,15 @@ def test_ray_job_submit_runs_the_label_job(ray_head, tmp_path):
 
     # The job ran on the head's cluster (not an embedded one) and labelled every image.
     run = json.loads(storage.read_text(layout.run_json(root)))
-    assert all(info["status"] == "done" for name, info in run["stages"].items() if name != "evaluate")
+    assert all(info["status"] == "done" for name, info in run["stages"].items()
+               if name not in ("evaluate", "train_cam", "train_irn"))
     version = storage.read_text(layout.latest_pointer(root)).strip()
     labels = layout.labels_dir(root, version)
     ids = sorted(f"syn-{i:06d}" for i in range(6))
     for image_id in ids:
         assert storage.exists(layout.semantic_png(labels, image_id))
         assert storage.exists(layout.instance_png(labels, image_id))
+    assert ledger.read_index(labels).column("image_id").to_pylist() == ids
     coco = json.loads(storage.read_text(storage.join(labels, "coco.json")))
     assert sorted(image["file_name"] for image in coco["images"]) == ids
     assert "labels: " in logs and "report: " in logs

@@ -21,6 +21,7 @@ from PIL import Image
 
 from hostile import BROKEN, CLASSES, CMYK, CONVERTED, GOOD, unsafe_ids
 from jobs import label
+from pipeline import ledger
 from pipeline.algorithms import synthesis as algo
 from pipeline.data.images import decode_image
 from pipeline.data.synthetic import write_synthetic_set
@@ -64,8 +65,9 @@ def test_every_valid_image_has_every_output(labelled):
         instance = _png_array(layout.instance_png(labels_dir, image_id))
         assert semantic.shape == instance.shape == (h, w) and instance.dtype == np.uint16
         assert set(np.unique(semantic)) <= {0, *row["class_ids"]}
-    images = pa.concat_tables([codecs.read_parquet(u) for u in storage.list_files(storage.join(labels_dir, "images"))])
-    assert sorted(images.column("image_id").to_pylist()) == _valid_ids(labelled)
+    index = ledger.read_index(labels_dir)
+    assert index.column("image_id").to_pylist() == _valid_ids(labelled)  # sorted, one row each
+    assert index.column("semantic_uri").to_pylist() == [f"semantic/{i}.png" for i in _valid_ids(labelled)]
     for name in ("cam", "irn"):
         assert storage.exists(layout.model_file(root, name)) and load_exported(layout.model_file(root, name))
     assert storage.list_files(storage.join(root, "models", "cam"))  # checkpoint dirs live beside it
@@ -86,6 +88,9 @@ def test_hostile_inputs_are_quarantined_with_reasons(labelled):
         matches = [r for r in rows if (r["image_id"], r["stage"]) == (image_id, stage) and words in r["reason"]]
         assert len(matches) == 1, (image_id, stage, words, [r for r in rows if r["image_id"] == image_id])
     assert len(rows) == len(expected)
+    # The published version says the same of the images it lacks.
+    missing = ledger.read_quarantine(_labels_dir(labelled["root"])).to_pylist()
+    assert sorted((r["image_id"], r["stage"]) for r in missing) == sorted((i, st) for i, st, _ in expected)
     # No good image is quarantined: the one row naming a good id is the duplicate, which lost.
     named_good = [r for r in rows if r["image_id"] in _valid_ids(labelled)]
     assert [(r["image_id"], r["stage"]) for r in named_good] == [("syn-000003", "manifest")]
@@ -171,7 +176,8 @@ def test_stage_labels_equal_a_direct_call_of_the_algorithms(labelled):
     meta = json.loads(storage.read_text(layout.model_file(root, "irn") + ".json"))
     model = build_irnet(depth=meta["config"]["depth"], state_dict=load_exported(layout.model_file(root, "irn"))).eval()
     image = decode_image(storage.read_bytes(row["uri"]))
-    boundary, displacement = model.infer(torch.from_numpy(normalize(image)))
+    crop = labelled["state"]["config"]["train_irn"]["crop_size"]
+    boundary, displacement = model.infer(torch.from_numpy(normalize(image)), pad_to=crop)
     size = (row["height"], row["width"])
     cams = torch.from_numpy(row["cams"])
     semantic = algo.semantic_labels(cams, row["class_ids"], boundary, size, steps=64)
@@ -197,12 +203,20 @@ def test_report_and_metrics(labelled):
         assert 0.0 <= result["miou"] <= 1.0 and set(result["ap"]) == {"0.5", "0.7"}
 
 
+def _tree(root: str) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes)."""
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names}
+
+
 def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
     root = labelled["root"]
     state = label.main(labelled["args"])
-    assert all(info["status"] == "skipped" for info in state["stages"].values()), state["stages"]
+    assert all(info["status"] == "skipped" for name, info in state["stages"].items() if name != "manifest"), \
+        state["stages"]
     old_version = storage.read_text(layout.latest_pointer(root)).strip()
-    old_files = sorted(os.listdir(os.path.join(layout.labels_dir(root, old_version), "semantic")))
+    old_files = _tree(layout.labels_dir(root, old_version))
+    old_index = {r["image_id"]: r for r in ledger.read_index(layout.labels_dir(root, old_version)).to_pylist()}
 
     # The nightly manifest: the same images moved to another directory, two new ones, one image
     # with corrected tags, and the missing file's row now pointing at a real file.
@@ -221,32 +235,109 @@ def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
     # New images, the retagged one and the fixed reference: nothing else is recomputed.
     assert stages["cams"]["counts"]["done"] == 4 and stages["synthesis"]["counts"]["done"] == 4
     cam_rows = [r for uri in storage.list_files(layout.cams_dir(root), ".parquet") for r in read_cam_rows(uri)]
-    assert len(cam_rows) == len({r["image_id"] for r in cam_rows})  # the retagged image has one CAM row
     new_tags = sorted(CLASSES.index(name) + 1 for name in retagged["labels"])
-    assert next(r for r in cam_rows if r["image_id"] == "syn-000005")["class_ids"] == new_tags
-    quarantined = pa.concat_tables([codecs.read_parquet(u) for u in
-                                    storage.list_files(layout.quarantine_dir(root), ".parquet")]).to_pylist()
-    assert not [r for r in quarantined if r["image_id"] == "broken-missing" and r["stage"] == "cams"]
+    # The retagged image got a CAM row of its new key; its old row is never used again.
+    assert new_tags in [r["class_ids"] for r in cam_rows if r["image_id"] == "syn-000005"]
     new_version = storage.read_text(layout.latest_pointer(root)).strip()
     assert new_version != old_version
     new_dir = layout.labels_dir(root, new_version)
-    # The new version holds exactly the grown manifest's images: the previous version's images that
-    # are still listed and unchanged (copied, not relabelled) plus the four relabelled ones; images
-    # the manifest no longer lists (the re-encoded copies) are left out of it and of its COCO file.
+    # The new version's index holds exactly the grown manifest's images: the unchanged ones point
+    # into the old version (nothing copied), the four relabelled ones into the new one; images the
+    # manifest no longer lists (the re-encoded copies) are left out of it and of its COCO file.
     grown_ids = ["broken-missing"] + [f"syn-{i:06d}" for i in range(12)]
-    assert sorted(os.listdir(os.path.join(new_dir, "semantic"))) == [f"{i}.png" for i in grown_ids]
-    assert sorted(os.listdir(os.path.join(new_dir, "instance"))) == [f"{i}.png" for i in grown_ids]
-    listed = pa.concat_tables([codecs.read_parquet(u) for u in storage.list_files(storage.join(new_dir, "images"))])
-    assert sorted(listed.column("image_id").to_pylist()) == grown_ids
-    retagged_row = next(r for r in listed.to_pylist() if r["image_id"] == "syn-000005")
-    assert retagged_row["class_ids"] == new_tags
-    semantic = codecs.decode_label_png(storage.read_bytes(layout.semantic_png(new_dir, "syn-000005")))
+    index = {r["image_id"]: r for r in ledger.read_index(new_dir).to_pylist()}
+    assert sorted(index) == grown_ids
+    relabelled = {"broken-missing", "syn-000005", "syn-000010", "syn-000011"}
+    assert {i for i, r in index.items() if not r["semantic_uri"].startswith("../")} == relabelled
+    assert sorted(os.listdir(os.path.join(new_dir, "semantic"))) == sorted(f"{i}.png" for i in relabelled)
+    for image_id, row in index.items():
+        if image_id not in relabelled:
+            assert row["semantic_uri"] == f"../{old_version}/semantic/{image_id}.png"
+            assert {k: v for k, v in row.items() if k not in ledger.URI_COLUMNS} == \
+                {k: v for k, v in old_index[image_id].items() if k not in ledger.URI_COLUMNS}
+    assert index["syn-000005"]["class_ids"] == new_tags
+    semantic = codecs.decode_label_png(storage.read_bytes(storage.resolve(index["syn-000005"]["semantic_uri"], new_dir)))
     assert set(np.unique(semantic)) <= {0, *new_tags}
-    coco = json.loads(storage.read_text(storage.join(new_dir, "coco.json")))
+    coco = json.loads(storage.read_text(layout.coco_file(new_dir)))
     assert sorted(image["file_name"] for image in coco["images"]) == grown_ids
     kept = {image["id"] for image in coco["images"]}
     assert all(ann["image_id"] in kept for ann in coco["annotations"])
-    # The previous version is immutable: untouched by the nightly rerun.
-    assert sorted(os.listdir(os.path.join(layout.labels_dir(root, old_version), "semantic"))) == old_files
+    # The previous version is immutable: byte for byte what it was.
+    assert _tree(layout.labels_dir(root, old_version)) == old_files
+    # The fixed reference is no longer reported as failed: the version's quarantine lists only the
+    # images of this manifest that it lacks, with their current reasons.
+    assert ledger.read_quarantine(new_dir).num_rows == 0
+    assert "broken-missing" in ledger.read_quarantine(layout.labels_dir(root, old_version)).column("image_id").to_pylist()
     with Image.open(os.path.join(new_dir, "semantic", "syn-000011.png")) as image:
         assert image.mode == "P"
+
+
+def test_a_nightly_rerun_writes_files_in_proportion_to_the_new_images(labelled, tmp_path):
+    """24 labelled images, then 4 more: at most 40 files written outside report/, run.json,
+    manifest/ and models/; the old version untouched; the old images' labels identical."""
+    from support import copy_models
+
+    data = str(tmp_path / "data")
+    records = codecs.read_parquet(write_synthetic_set(data, num_images=28, seed=21, num_classes=4,
+                                                      min_size=64, max_size=80)).to_pylist()
+    root = str(tmp_path / "run")
+    copy_models(labelled["root"], root)
+    manifests = []
+    for count in (24, 28):
+        manifests.append(os.path.join(data, f"first{count}.jsonl"))
+        storage.write_text(manifests[-1], "".join(json.dumps(r) + "\n" for r in records[:count]))
+    base = [a for a in labelled["args"] if not a.startswith(("data.manifest=", "run.root="))]
+    base = [a for a in base if a != "--set"]
+    args = lambda manifest: sum((["--set", a] for a in base + [f"data.manifest={manifest}", f"run.root={root}",
+                                                              "run.retrain=never"]), []) + [
+        "--only", "cams", "--only", "synthesis", "--only", "publish"]
+    label.main(args(manifests[0]))
+    before = _tree(root)
+    old_version = storage.read_text(layout.latest_pointer(root)).strip()
+    state = label.main(args(manifests[1]))
+    assert state["stages"]["cams"]["counts"]["done"] == 4 and state["stages"]["synthesis"]["counts"]["done"] == 4
+    after = _tree(root)
+    ignored = ("report/", "manifest/", "models/", "run.json")  # as the issue counts files
+    written = sorted(p for p, data in after.items() if before.get(p) != data and not p.startswith(ignored))
+    assert len(written) <= 40, written
+    assert not [p for p in before if p not in after and not p.startswith(ignored)]  # nothing deleted
+    old_files = {p: d for p, d in before.items() if p.startswith(f"labels/{old_version}/")}
+    assert {p: d for p, d in after.items() if p.startswith(f"labels/{old_version}/")} == old_files
+    new_dir = layout.labels_dir(root, storage.read_text(layout.latest_pointer(root)).strip())
+    old_dir = layout.labels_dir(root, old_version)
+    old_index = {r["image_id"]: r for r in ledger.read_index(old_dir).to_pylist()}
+    new_index = {r["image_id"]: r for r in ledger.read_index(new_dir).to_pylist()}
+    assert sorted(new_index) == sorted(r["image_id"] for r in records)
+    for image_id, row in old_index.items():
+        for column in ("semantic_uri", "instance_uri"):
+            old = codecs.decode_label_png(storage.read_bytes(storage.resolve(row[column], old_dir)))
+            new = codecs.decode_label_png(storage.read_bytes(storage.resolve(new_index[image_id][column], new_dir)))
+            assert np.array_equal(old, new), (image_id, column)
+
+
+def test_export_status_of_the_labelled_run(labelled, tmp_path):
+    from jobs import export, status
+    from pycocotools.coco import COCO
+
+    root = labelled["root"]
+    labels_dir = _labels_dir(root)
+    index = ledger.read_index(labels_dir).to_pylist()
+    voc = str(tmp_path / "voc")
+    summary = export.main(["--root", root, "--format", "voc", "--out", voc, "--with-images"])
+    assert summary["images"] == len(index)
+    assert (tmp_path / "voc" / "ImageSets" / "Segmentation" / "all.txt").read_text().split() == [r["image_id"] for r in index]
+    coco = COCO(str(tmp_path / "voc" / "coco.json"))
+    for row in index:
+        semantic = codecs.decode_label_png((tmp_path / "voc" / "SegmentationClass" / f"{row['image_id']}.png").read_bytes())
+        assert np.array_equal(semantic, _png_array(storage.resolve(row["semantic_uri"], labels_dir)))
+        objects = codecs.decode_label_png((tmp_path / "voc" / "SegmentationObject" / f"{row['image_id']}.png").read_bytes())
+        assert objects.dtype == np.uint8
+        assert np.array_equal(objects, _png_array(storage.resolve(row["instance_uri"], labels_dir)))
+        (image,) = [im for im in coco.dataset["images"] if im["file_name"].startswith(row["image_id"] + ".")]
+        assert (tmp_path / "voc" / "JPEGImages" / image["file_name"]).read_bytes() == storage.read_bytes(row["uri"])
+    plain = export.main(["--root", root, "--format", "coco", "--out", str(tmp_path / "coco")])
+    assert plain["annotations"] == len(coco.dataset["annotations"])
+    assert sorted(os.listdir(tmp_path / "coco")) == ["coco.json"]
+    text = status.main(["--root", root])
+    assert f"LATEST = {os.path.basename(labels_dir)}" in text and "synthesis" in text and "valid" in text
+    assert "no run.json" in status.main(["--root", str(tmp_path / "nothing")])

@@ -143,3 +143,21 @@ def test_class_names_are_escaped():
 def test_write_report(tmp_path):
     write_report(str(tmp_path / "report"), "<html></html>")
     assert (tmp_path / "report" / "index.html").read_text() == "<html></html>"
+
+
+def test_progress_lines_and_summary_table(caplog):
+    import logging
+
+    from pipeline.progress import StageProgress, duration, summary_table
+
+    assert (duration(12.3), duration(754), duration(8000), duration(None)) == ("12s", "12m34s", "2h13m", "-")
+    with caplog.at_level(logging.INFO, logger="irn-ray"):
+        progress = StageProgress("cams", 10, every_seconds=3600)
+        progress.add(4)  # within the interval: no line
+        progress.add(6)  # the last images: always a line
+    lines = [r.getMessage() for r in caplog.records if r.name == "irn-ray"]
+    assert len(lines) == 1 and lines[0].startswith("cams: 10/10 images (100%), ") and lines[0].endswith("ETA 0s")
+    table = summary_table({"cams": {"status": "done", "seconds": 75, "counts": {"done": 3, "miou": 0.51234}},
+                           "publish": {"status": "skipped", "seconds": 0.1, "counts": {}}}, ("cams", "synthesis", "publish"))
+    assert table.splitlines() == ["stage    status    time  counts", "cams     done     1m15s  done 3, miou 0.512",
+                                  "publish  skipped     0s  "]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from jobs import label
+from pipeline.io import layout
 from pipeline.data.synthetic import write_synthetic_set
 from support import assert_same_outputs, copy_models, free_port, label_outputs, wait_for_port
 
@@ -53,17 +54,25 @@ def _assert_no_credentials(data: bytes, where) -> None:
     assert SECRET.encode() not in data and b"irn-test-key" not in data, f"a credential is in {where}"
 
 
-def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, ray_session):
+def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, labelled):
     made = _run("from pipeline.data.synthetic import write_synthetic_set as w; "
                 "print(w('s3://irn/data', num_images=8, seed=11, num_classes=4, min_size=64, max_size=80))", s3_env)
     assert made.returncode == 0, made.stderr[-3000:]
     manifest = made.stdout.strip().splitlines()[-1]
     assert manifest == "s3://irn/data/manifest.parquet"
+    # The CAM network trains here (its Ray Train checkpoints go to S3); IRNet is the session's,
+    # put in place beforehand (run.retrain=never keeps it), to save a second training.
+    irn = layout.model_file(labelled["root"], "irn")
+    placed = _run("from pipeline.io import storage; "
+                  f"[storage.write_bytes(t, open(s, 'rb').read()) for s, t in "
+                  f"(({irn!r}, 's3://irn/run/models/irn/model.pt'), ({irn + '.json'!r}, 's3://irn/run/models/irn/model.pt.json'))]",
+                  s3_env)
+    assert placed.returncode == 0, placed.stderr[-3000:]
     ray_tmp = tempfile.mkdtemp(prefix="irns3", dir="/tmp")  # the job's Ray logs, to search (short: socket paths)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "jobs.label", "--config", "configs/tiny.yaml", "--set", f"data.manifest={manifest}",
-             "--set", "run.root=s3://irn/run"],
+             "--set", "run.root=s3://irn/run", "--set", "run.retrain=never"],
             cwd=ROOT, capture_output=True, text=True, timeout=900,
             env={**os.environ, **s3_env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp})
         assert done.returncode == 0, done.stderr[-4000:]
@@ -83,8 +92,10 @@ def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, r
     for path in copy.rglob("*"):  # no output file (run.json, report, shards, checkpoints) holds one
         if path.is_file():
             _assert_no_credentials(path.read_bytes(), path)
-    assert all(info["status"] == "done" for name, info in json.loads(run_json)["stages"].items()
-               if name != "evaluate")
+    stages = json.loads(run_json)["stages"]
+    assert stages["train_cam"]["status"] == "done" and stages["train_irn"]["status"] == "skipped"
+    assert all(info["status"] == "done" for name, info in stages.items() if name not in ("evaluate", "train_irn"))
+    assert list((copy / "models").glob("cam-*/checkpoint_*")), "no Ray Train checkpoint on S3"
     assert (copy / "report" / "index.html").exists()
     s3_outputs = label_outputs(str(copy))
     assert sorted(s3_outputs) == [f"syn-{i:06d}" for i in range(8)]

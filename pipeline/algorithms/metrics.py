@@ -137,6 +137,24 @@ def mask_ap(
     return accumulator.result()[iou_threshold]
 
 
+def image_records(pred_masks, pred_classes, pred_scores, gt_masks, gt_classes, *,
+                  iou_thresholds: Sequence[float]) -> tuple[list[int], list[tuple[float, int, tuple[int, ...]]]]:
+    """What AP needs of one image: its ground-truth classes, and per detection (score, class, and
+    per IoU threshold the best same-class ground truth it reaches, or -1)."""
+    classes = np.asarray(pred_classes, dtype=np.int64).reshape(-1)
+    scores = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
+    truth = np.asarray(gt_classes, dtype=np.int64).reshape(-1)
+    best_per_threshold = [np.full(classes.shape[0], -1, dtype=np.int64) for _ in iou_thresholds]
+    if classes.size and truth.size:
+        iou = mask_iou(pred_masks, gt_masks)
+        iou = np.where(classes[:, None] == truth[None, :], iou, -1.0)
+        best, best_iou = iou.argmax(axis=1), iou.max(axis=1)
+        best_per_threshold = [np.where(best_iou < t, -1, best) for t in iou_thresholds]
+    detections = [(float(scores[d]), int(classes[d]), tuple(int(b[d]) for b in best_per_threshold))
+                  for d in range(classes.shape[0])]
+    return [int(c) for c in truth], detections
+
+
 class MaskAPAccumulator:
     """Streaming form of :func:`mask_ap`: add one image at a time, keep only per-detection records.
 
@@ -153,20 +171,15 @@ class MaskAPAccumulator:
 
     def add(self, pred_masks, pred_classes, pred_scores, gt_masks, gt_classes) -> None:
         """One image: pred bool [N, H, W], int [N], float [N]; gt bool [M, H, W], int [M]."""
-        classes = np.asarray(pred_classes, dtype=np.int64).reshape(-1)
-        scores = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
-        truth = np.asarray(gt_classes, dtype=np.int64).reshape(-1)
-        for cls in truth:
+        self.extend(*image_records(pred_masks, pred_classes, pred_scores, gt_masks, gt_classes,
+                                   iou_thresholds=self.thresholds))
+
+    def extend(self, gt_classes: list[int], detections: list[tuple[float, int, tuple[int, ...]]]) -> None:
+        """One image's :func:`image_records` (computed anywhere, e.g. in a worker)."""
+        for cls in gt_classes:
             self.gt_count[int(cls)] = self.gt_count.get(int(cls), 0) + 1
-        best_per_threshold = [np.full(classes.shape[0], -1, dtype=np.int64) for _ in self.thresholds]
-        if classes.size and truth.size:
-            iou = mask_iou(pred_masks, gt_masks)
-            iou = np.where(classes[:, None] == truth[None, :], iou, -1.0)
-            best, best_iou = iou.argmax(axis=1), iou.max(axis=1)
-            best_per_threshold = [np.where(best_iou < t, -1, best) for t in self.thresholds]
-        for d in range(classes.shape[0]):
-            hits = tuple(int(b[d]) for b in best_per_threshold)
-            self.detections.append((float(scores[d]), int(classes[d]), self.images, hits))
+        for score, cls, hits in detections:
+            self.detections.append((float(score), int(cls), self.images, tuple(int(h) for h in hits)))
         self.images += 1
 
     def result(self) -> dict[float, dict]:

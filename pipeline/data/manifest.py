@@ -13,11 +13,11 @@ import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from pipeline.io import codecs, storage
+from pipeline.io import storage
 
 # No leading '.': besides '.' and '..', hidden names such as '.tmp-*' are skipped by listings.
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
@@ -46,9 +46,6 @@ class QuarantineRecord:
     stage: str
     reason: str
 
-
-QUARANTINE_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()),
-                               ("stage", pa.string()), ("reason", pa.string())])
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("labels", pa.list_(pa.string())),
@@ -88,33 +85,49 @@ def read_manifest_records(uri: str) -> list[dict[str, Any]]:
     A JSON Lines line that does not parse becomes a record with a ``_error`` key, so the
     validation can quarantine it with the line number.
     """
-    data = storage.read_bytes(uri)
+    return list(iter_manifest_records(uri))
+
+
+def manifest_format(uri: str) -> str:
     lower = uri.lower()
-    if lower.endswith(".parquet"):
-        return codecs.parquet_bytes_to_table(data).to_pylist()
-    if lower.endswith(".csv"):
-        # Bad bytes become U+FFFD: the row's id or class is then invalid and the row quarantined.
-        return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig", errors="replace"))))
-    if lower.endswith((".jsonl", ".ndjson", ".json")):
-        records: list[dict[str, Any]] = []
+    for suffixes, kind in (((".parquet",), "parquet"), ((".csv",), "csv"), ((".jsonl", ".ndjson", ".json"), "jsonl")):
+        if lower.endswith(suffixes):
+            return kind
+    raise ValueError(f"manifest {uri!r}: unknown format; use .parquet, .csv or .jsonl")
+
+
+def iter_manifest_records(uri: str, *, row_group: int | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the raw records of a manifest (one Parquet row group when ``row_group`` is given)."""
+    kind = manifest_format(uri)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with storage.open_input(uri) as f:
+            parquet = pq.ParquetFile(f)
+            groups = range(parquet.num_row_groups) if row_group is None else [row_group]
+            for group in groups:
+                yield from parquet.read_row_group(group).to_pylist()
+        return
+    with storage.open_input(uri) as f:
+        if kind == "csv":
+            # Bad bytes become U+FFFD: the row's id or class is then invalid and the row quarantined.
+            yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline=""))
+            return
         # Decoded line by line: one line of bad bytes is one quarantined row, not a failed set.
-        for number, raw in enumerate(data.splitlines(), start=1):
+        for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
             except UnicodeDecodeError as err:
-                records.append({"_error": f"line {number} is not valid UTF-8 (byte {err.start})"})
+                yield {"_error": f"line {number} is not valid UTF-8 (byte {err.start})"}
                 continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                records.append({"_error": f"line {number} is not valid JSON ({err.msg})"})
+                yield {"_error": f"line {number} is not valid JSON ({err.msg})"}
                 continue
-            records.append(record if isinstance(record, dict)
-                           else {"_error": f"line {number} is not a JSON object"})
-        return records
-    raise ValueError(f"manifest {uri!r}: unknown format; use .parquet, .csv or .jsonl")
+            yield record if isinstance(record, dict) else {"_error": f"line {number} is not a JSON object"}
 
 
 def _row_from_record(record: dict[str, Any], base_dir: str) -> tuple[ManifestRow | None, str]:
@@ -192,13 +205,3 @@ def load_manifest(uri: str, classes: list[str] | None = None,
 
 def rows_to_table(rows: list[ManifestRow]) -> pa.Table:
     return pa.Table.from_pylist([asdict(r) for r in rows], schema=MANIFEST_SCHEMA)
-
-
-def quarantine_table(records: list[QuarantineRecord]) -> pa.Table:
-    return pa.Table.from_pylist([asdict(r) for r in records], schema=QUARANTINE_SCHEMA)
-
-
-def class_ids(labels: list[str], classes: list[str]) -> list[int]:
-    """Class ids (1..C, in the order of ``classes``) of the given names."""
-    index = {name: i + 1 for i, name in enumerate(classes)}
-    return sorted(index[label] for label in labels)

@@ -93,9 +93,9 @@ def read_array(table: pa.Table, name: str, row: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
+def table_to_parquet_bytes(table: pa.Table, *, row_group_size: int | None = None) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     return buf.getvalue()
 
 
@@ -103,17 +103,23 @@ def parquet_bytes_to_table(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
-    """Write ``table`` to ``uri`` atomically (see :mod:`pipeline.io.storage`)."""
+def write_parquet(uri: str, table: pa.Table, *, row_group_size: int | None = None) -> None:
+    """Write ``table`` to ``uri`` atomically (see :mod:`pipeline.io.storage`). Small row groups
+    (with rows sorted by a key) let filtered reads skip most of a large shard."""
     from pipeline.io import storage
 
-    storage.write_bytes(uri, table_to_parquet_bytes(table))
+    storage.write_bytes(uri, table_to_parquet_bytes(table, row_group_size=row_group_size))
 
 
-def read_parquet(uri: str) -> pa.Table:
+def read_parquet(uri: str, *, filters=None) -> pa.Table:
+    """A Parquet file; with ``filters`` (pyarrow DNF, e.g. [("image_id", "in", ids)]) only the
+    matching rows, reading just the row groups whose statistics may hold them."""
     from pipeline.io import storage
 
-    return parquet_bytes_to_table(storage.read_bytes(uri))
+    if filters is None:
+        return parquet_bytes_to_table(storage.read_bytes(uri))
+    with storage.open_input(uri) as f:
+        return pq.read_table(f, filters=filters)
 
 
 def read_parquet_columns(uri: str, columns: list[str], *, missing_ok: bool = False) -> pa.Table:

@@ -11,9 +11,13 @@ def run_json(root: str) -> str:
     return join(root, "run.json")
 
 
-def manifest_table(root: str) -> str:
-    """The validated manifest of the latest run (Parquet)."""
-    return join(root, "manifest", "valid.parquet")
+def manifest_root(root: str) -> str:
+    return join(root, "manifest")
+
+
+def manifest_dir(root: str, stamp: str) -> str:
+    """The validated manifest of one run: ``valid/part-*.parquet`` (and ``checked/`` while it is read)."""
+    return join(root, "manifest", stamp)
 
 
 def model_file(root: str, network: str) -> str:
@@ -47,6 +51,15 @@ def latest_pointer(root: str) -> str:
 
 def labels_dir(root: str, version: str) -> str:
     return join(root, "labels", version)
+
+
+def index_file(labels: str) -> str:
+    """One row per image of a labels version (pipeline.ledger.INDEX_SCHEMA)."""
+    return join(labels, "index.parquet")
+
+
+def coco_file(labels: str) -> str:
+    return join(labels, "coco.json")
 
 
 def semantic_png(labels: str, image_id: str) -> str:

@@ -11,6 +11,7 @@ upload) in one step, so a reader never sees a half-written object there either.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -19,6 +20,15 @@ from typing import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+_IO_LOG = os.environ.get("IRN_IO_LOG")  # benchmarks: every read, write and listing, one line each
+
+
+def _log(op: str, uri: str) -> None:
+    if _IO_LOG:
+        with open(_IO_LOG, "a") as f:
+            f.write(f"{op} {uri}\n")
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -65,6 +75,7 @@ def exists(uri: str) -> bool:
 
 def read_bytes(uri: str) -> bytes:
     """Whole content of a file; FileNotFoundError if missing."""
+    _log("read", uri)
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
         return f.read()
@@ -76,6 +87,7 @@ def read_text(uri: str) -> str:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically, creating parent directories as needed."""
+    _log("write", uri)
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         directory = os.path.dirname(path) or "."
@@ -119,6 +131,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 
 
 def iter_files(uri: str, suffix: str = "") -> Iterator[str]:
+    _log("list", uri)
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)  # see exists()
     if not fs.exists(path):
@@ -130,6 +143,17 @@ def iter_files(uri: str, suffix: str = "") -> Iterator[str]:
         if info.get("type") != "file" or base.startswith(".tmp-") or not base.endswith(suffix):
             continue
         yield name if local else fs.unstrip_protocol(name)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Sorted URIs of the directories directly under ``uri``; [] if it doesn't exist."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    local = isinstance(fs, LocalFileSystem)
+    names = [info["name"].rstrip("/") for info in fs.ls(path, detail=True) if info.get("type") == "directory"]
+    return sorted(name if local else fs.unstrip_protocol(name) for name in names)
 
 
 def remove_temp_files(directory: str) -> int:
@@ -149,8 +173,41 @@ def remove_temp_files(directory: str) -> int:
     return len(stale)
 
 
+@contextlib.contextmanager
+def open_output(uri: str) -> Iterator[io.BufferedIOBase]:
+    """A binary file to stream a large output into; it appears at ``uri`` whole, on success only.
+
+    Locally a temporary file renamed over the target; on object stores a multipart upload that
+    completes on close (an upload abandoned by an error is never completed, so nothing appears).
+    """
+    _log("write", uri)
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            f.discard()  # abort the multipart upload
+            raise
+        f.close()
+
+
 def open_input(uri: str) -> io.BufferedIOBase:
     """A readable binary file object (for streaming readers such as torch.load)."""
+    _log("read", uri)
     fs, path = filesystem(uri)
     return fs.open(path, "rb")
 

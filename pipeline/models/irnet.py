@@ -174,9 +174,10 @@ class IRNet(nn.Module):
 
         Args:
             image: float [3, H, W] or [B, 3, H, W], ImageNet-normalised.
-            pad_to: optional; zero-pad the input bottom/right to at least pad_to × pad_to
-                before the network (the official code pads to the 512 training crop so
-                GroupNorm sees inputs like those in training); outputs are cropped back.
+            pad_to: optional; zero-pad the input (and its flip) bottom/right to at least
+                pad_to × pad_to before the network, as the official inference pads to the 512
+                training crop so GroupNorm sees inputs like those in training; outputs are
+                cropped back.
 
         Returns:
             IRNetInference(boundary [h, w] or [B, h, w] in [0, 1],
@@ -187,17 +188,40 @@ class IRNet(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"image must be [3,H,W] or [B,3,H,W], got {tuple(image.shape)}")
         n, _, height, width = x.shape
-        h, w = -(-height // 4), -(-width // 4)
-        batch = torch.cat([x, x.flip(-1)], dim=0)
-        if pad_to is not None:
-            batch = F.pad(batch, (0, max(pad_to - width, 0), 0, max(pad_to - height, 0)))
-        out = self._raw(batch)
-        logits = out.boundary_logits[:, 0, :h, :w].float()
-        boundary = torch.sigmoid((logits[:n] + logits[n:].flip(-1)) / 2)
-        displacement = self._centre(out.displacement[:n, :, :h, :w].float())
+        pad = pad_to or 0
+        padded = F.pad(x, (0, max(pad - width, 0), 0, max(pad - height, 0)))
+        results = self.infer_padded(padded, [(height, width)] * n)
+        boundary = torch.stack([r.boundary for r in results])
+        displacement = torch.stack([r.displacement for r in results])
         if single:
             return IRNetInference(boundary[0], displacement[0])
         return IRNetInference(boundary, displacement)
+
+    @torch.no_grad()
+    def infer_padded(self, padded: torch.Tensor, sizes: list[tuple[int, int]]) -> list[IRNetInference]:
+        """:meth:`infer` of a batch of images of different sizes, each zero-padded bottom/right
+        to a common size (so one forward serves them all).
+
+        Args:
+            padded: float [B, 3, Hp, Wp]; image i occupies [:, :H_i, :W_i], zeros elsewhere.
+            sizes: B pairs (H_i, W_i).
+
+        Returns:
+            one IRNetInference per image: boundary [h_i, w_i], displacement [2, h_i, w_i], float32.
+            Each flip is the flip of the image content, padded on its right like the image.
+        """
+        flips = torch.zeros_like(padded)
+        for i, (height, width) in enumerate(sizes):
+            flips[i, :, :height, :width] = padded[i, :, :height, :width].flip(-1)
+        out = self._raw(torch.cat([padded, flips]))
+        logits, n = out.boundary_logits[:, 0].float(), len(sizes)
+        results = []
+        for i, (height, width) in enumerate(sizes):
+            h, w = -(-height // 4), -(-width // 4)
+            boundary = torch.sigmoid((logits[i, :h, :w] + logits[n + i, :h, :w].flip(-1)) / 2)
+            displacement = self._centre(out.displacement[i : i + 1, :, :h, :w].float())[0]
+            results.append(IRNetInference(boundary, displacement))
+        return results
 
     def set_mean_displacement(self, mean: torch.Tensor) -> None:
         """Store the training-set mean displacement, float [2] (dy, dx), in grid cells."""

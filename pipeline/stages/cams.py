@@ -1,218 +1,241 @@
-"""Stage: CAM inference (GPU/CPU actor pool) streaming into CRF relation mining (CPU tasks).
+"""Stage: CAMs (Eq. 1) and CRF relation mining (Sec. 4.2) for the images that need them.
 
-Writes stride-4 CAMs (float16) to ``cams/part-*.parquet`` and relation labels to
-``relations/<id>.png``; full-resolution CAMs only travel between the two operators (persisted to
-``cams_high_res/`` only when ``cams.keep_high_res`` is set). Images that fail become quarantine
-rows of stage ``cams``; an image is done when its CAM row exists or it is quarantined.
+The Ray Data graph is shaped for GPUs: CPU tasks decode, resize and normalise; network actors
+(GPU when ``cams.gpus_per_actor`` > 0) only run the CAM network on batches; CPU tasks fuse the
+scales, run the CRF and write the relation PNG; shard writers commit ``cams/part-*.parquet``
+(image_id, key, uri, height, width, class_ids, stride-4 CAMs in float16) ``run.shard_rows``
+images at a time. Images that fail become quarantine rows of stage ``cams`` (ledger).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline import ledger
 from pipeline.algorithms.cams import make_cams
 from pipeline.algorithms.relations import mine_relations
 from pipeline.config import Config
 from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.transforms import normalize, resize_image, scaled_size
 from pipeline.io import codecs, layout, storage
-from pipeline.stages import common
+from pipeline.progress import StageProgress
+from pipeline.stages import common, plan
 from pipeline.train.common import load_trained
 
 log = logging.getLogger(__name__)
 STAGE = "cams"
+ROW_GROUP = 64  # rows per Parquet row group of a CAM shard: synthesis reads a few images at a time
 
 
 def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-@torch.no_grad()
-def multiscale_cams(model: torch.nn.Module, image: np.ndarray, class_ids: list[int], scales: list[float],
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 1: CAMs of ``image`` (uint8 [H, W, 3]) at ``scales`` with flips -> (stride-4, full-res)."""
+def failure(err: Exception, what: str) -> str:
+    """A quarantine reason a user can act on."""
+    if isinstance(err, ImageDecodeError):
+        return err.reason
+    if isinstance(err, FileNotFoundError):
+        return "image file not found"
+    return f"{what} failed ({type(err).__name__}: {err})"
+
+
+def scaled_inputs(image: np.ndarray, scales: list[float]) -> list[np.ndarray]:
+    """Network inputs of Eq. 1: the image at each scale (bicubic), normalised, float32 [3, h, w]."""
     height, width = image.shape[:2]
-    outputs = []
-    for scale in scales:
-        scaled = normalize(resize_image(image, scaled_size(height, width, scale)))
-        x = torch.from_numpy(scaled).to(device)[None]
-        x = torch.cat([x, x.flip(-1)])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outputs.append(model.cam_maps(x).float())
-    return make_cams(outputs, (height, width), [c - 1 for c in class_ids])
+    return [normalize(resize_image(image, scaled_size(height, width, s))) for s in scales]
 
 
-class CamInference:
-    """Actor: loads the CAM network once; maps manifest rows to CAMs (or a decode error)."""
+def decode_for_cams(batch: dict[str, np.ndarray], *, scales: list[float], max_pixels: int) -> dict[str, Any]:
+    """CPU task: read and decode each image and make its multi-scale inputs ``input_<s>`` (or an
+    error; failed rows carry empty arrays of the same rank, so every column stays a tensor column)."""
+    images, inputs, errors = [], [[] for _ in scales], []
+    for image_id, uri in zip(batch["image_id"], batch["uri"]):
+        image, scaled, error = np.zeros((0, 0, 3), np.uint8), [_EMPTY] * len(scales), ""
+        try:
+            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            scaled = scaled_inputs(image, scales)
+        except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
+            error = failure(err, "decoding")
+        images.append(image)
+        for s, x in enumerate(scaled):
+            inputs[s].append(x)
+        errors.append(error)
+    return {**batch, "image": common.object_array(images), "error": np.array(errors, dtype=object),
+            **{f"input_{s}": common.object_array(x) for s, x in enumerate(inputs)}}
 
-    def __init__(self, *, root: str, num_classes: int, scales: list[float], max_pixels: int, gpus: float):
+
+@torch.no_grad()
+def class_maps(model: torch.nn.Module, inputs: list[list[np.ndarray]], class_ids: list[np.ndarray],
+               device: torch.device, bf16: bool) -> list[list[np.ndarray]]:
+    """ReLU'd class maps of each image at each scale, for its tagged classes: float32 [2, K, hs, ws]
+    (index 1 from the flipped input, still flipped). Inputs of equal shape run as one batch."""
+    out: list[list[np.ndarray | None]] = [[None] * len(x) for x in inputs]
+    for scale in range(max((len(x) for x in inputs), default=0)):
+        by_shape: dict[tuple, list[int]] = {}
+        for i, x in enumerate(inputs):
+            if len(x) > scale:
+                by_shape.setdefault(x[scale].shape, []).append(i)
+        for members in by_shape.values():
+            x = torch.from_numpy(np.stack([inputs[i][scale] for i in members])).to(device)
+            x = torch.cat([x, x.flip(-1)])  # images, then their flips
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+                maps = model.cam_maps(x).float()
+            n = len(members)
+            for k, i in enumerate(members):
+                tagged = torch.as_tensor(np.asarray(class_ids[i], np.int64) - 1, device=device)
+                pair = torch.stack([maps[k], maps[n + k]]).index_select(1, tagged)
+                out[i][scale] = pair.cpu().numpy()
+    return out
+
+
+def multiscale_cams(model: torch.nn.Module, image: np.ndarray, class_ids: list[int], scales: list[float],
+                    device: torch.device, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1 for one image (uint8 [H, W, 3]): (stride-4 CAMs [K, h, w], full-resolution [K, H, W]),
+    by the same steps the stage's tasks and actors take."""
+    (maps,) = class_maps(model, [scaled_inputs(image, scales)], [np.asarray(class_ids)], device, bf16)
+    outputs = [torch.from_numpy(m) for m in maps]
+    return make_cams(outputs, image.shape[:2], list(range(len(class_ids))))
+
+
+class CamNetwork:
+    """Actor: the CAM network, loaded once; maps batches of inputs to class maps."""
+
+    def __init__(self, *, root: str, num_classes: int, gpus: float, bf16: bool):
         self.device = pick_device(gpus)
         self.model = load_trained(root, "cam", num_classes=num_classes).to(self.device)
-        self.scales, self.max_pixels = scales, max_pixels
+        self.bf16 = bf16
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, list] = {k: [] for k in ("image_id", "uri", "class_ids", "image", "cams", "high_res", "error")}
-        for image_id, uri, class_ids in zip(batch["image_id"], batch["uri"], batch["class_ids"]):
-            class_ids = np.asarray(class_ids, np.int32)
-            # Failed rows carry empty arrays (same ndim) so the batch stays a tensor column.
-            image, cams, high_res, error = np.zeros((0, 0, 3), np.uint8), _EMPTY, _EMPTY, ""
-            try:
-                image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
-                cams, high_res = multiscale_cams(self.model, image, class_ids.tolist(), self.scales, self.device)
-                cams, high_res = cams.cpu().numpy(), high_res.cpu().numpy()
-            except ImageDecodeError as err:
-                error = err.reason
-            except FileNotFoundError:
-                error = "image file not found"
-            except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
-                log.exception("CAM inference failed for %s", image_id)
-                error = f"CAM inference failed ({type(err).__name__}: {err})"
-            for key, value in (("image_id", str(image_id)), ("uri", str(uri)), ("class_ids", class_ids),
-                               ("image", image), ("cams", cams), ("high_res", high_res), ("error", error)):
-                out[key].append(value)
-        return {k: _object_array(v) for k, v in out.items()}
-
-
-_EMPTY = np.zeros((0, 0, 0), np.float32)
-
-
-def _object_array(values: list) -> np.ndarray:
-    array = np.empty(len(values), dtype=object)
-    array[:] = values
-    return array
+        scales = sum(1 for k in batch if k.startswith("input_"))
+        ok = [i for i, e in enumerate(batch["error"]) if not e]
+        maps = [[_EMPTY_MAPS] * len(batch["error"]) for _ in range(scales)]
+        errors = list(batch["error"])
+        try:
+            inputs = [[batch[f"input_{s}"][i] for s in range(scales)] for i in ok]
+            for i, per_scale in zip(ok, class_maps(self.model, inputs, [batch["class_ids"][i] for i in ok],
+                                                   self.device, self.bf16)):
+                for s, m in enumerate(per_scale):
+                    maps[s][i] = m
+        except Exception as err:  # noqa: BLE001
+            log.exception("CAM network failed on a batch")
+            for i in ok:
+                errors[i] = failure(err, "CAM inference")
+        out = {k: v for k, v in batch.items() if not k.startswith("input_")}
+        return {**out, "error": np.array(errors, dtype=object),
+                **{f"maps_{s}": common.object_array(m) for s, m in enumerate(maps)}}
 
 
 def mine_and_write(batch: dict[str, np.ndarray], *, root: str, relation_params: dict[str, float],
-                   keep_high_res: bool) -> dict[str, np.ndarray]:
-    """Task: CRF relation mining per image, then one CAM shard + quarantine shard per batch."""
-    rows, quarantine, statuses, high_res_rows = [], [], [], []
+                   keep_high_res: bool) -> dict[str, Any]:
+    """CPU task: fuse the scales into CAMs, mine relations with the CRF, write the relation PNG."""
+    cams, high_res, heights, widths, errors = [], [], [], [], []
     for i, image_id in enumerate(batch["image_id"]):
-        error = batch["error"][i]
+        error, low, high = batch["error"][i], _EMPTY, _EMPTY
+        image = batch["image"][i]
         if not error:
             try:
-                relations = mine_relations(batch["image"][i], batch["high_res"][i], batch["class_ids"][i],
-                                           **relation_params)
-                storage.write_bytes(layout.relation_png(root, image_id),
-                                    codecs.encode_semantic_png(relations))
+                scales = sum(1 for k in batch if k.startswith("maps_"))
+                outputs = [torch.from_numpy(batch[f"maps_{s}"][i]) for s in range(scales)]
+                low_t, high_t = make_cams(outputs, image.shape[:2], list(range(outputs[0].shape[1])))
+                low, high = low_t.numpy(), high_t.numpy()
+                relations = mine_relations(image, high, batch["class_ids"][i], **relation_params)
+                storage.write_bytes(layout.relation_png(root, str(image_id)), codecs.encode_semantic_png(relations))
             except Exception as err:  # noqa: BLE001
                 log.exception("relation mining failed for %s", image_id)
-                error = f"relation mining failed ({type(err).__name__}: {err})"
-        if error:
-            quarantine.append({"image_id": image_id, "uri": batch["uri"][i], "reason": error})
-            statuses.append("quarantined")
-            continue
-        height, width = batch["image"][i].shape[:2]
-        rows.append({"image_id": image_id, "uri": batch["uri"][i], "height": height, "width": width,
-                     "class_ids": [int(c) for c in batch["class_ids"][i]], "cams": batch["cams"][i]})
+                error = failure(err, "relation mining")
+        cams.append(low.astype(np.float16))
+        high_res.append(high if keep_high_res and not error else _EMPTY)
+        heights.append(image.shape[0])
+        widths.append(image.shape[1])
+        errors.append(error)
+    return {"image_id": batch["image_id"], "uri": batch["uri"], "class_ids": batch["class_ids"],
+            "cam_key": batch["cam_key"], "height": np.array(heights, np.int32), "width": np.array(widths, np.int32),
+            "cams": common.object_array(cams), "high_res": common.object_array(high_res),
+            "error": np.array(errors, dtype=object)}
+
+
+_EMPTY = np.zeros((0, 0, 0), np.float32)
+_EMPTY_MAPS = np.zeros((0, 0, 0, 0), np.float32)
+
+
+def write_shard(batch: dict[str, np.ndarray], *, root: str, keep_high_res: bool) -> dict[str, np.ndarray]:
+    """CPU task: commit a shard's worth of images: CAM rows, quarantine rows, high-res CAMs."""
+    ok = [i for i, e in enumerate(batch["error"]) if not e]
+    failed = [{"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "reason": str(batch["error"][i]),
+               "key": str(batch["cam_key"][i])} for i, e in enumerate(batch["error"]) if e]
+    ledger.write_quarantine(root, STAGE, failed)
+    if ok:
+        ok.sort(key=lambda i: str(batch["image_id"][i]))
+        ids = [str(batch["image_id"][i]) for i in ok]
+        name = layout.part_name([f"{i}\0{batch['cam_key'][k]}" for i, k in zip(ids, ok)])
         if keep_high_res:
-            high_res_rows.append((image_id, batch["high_res"][i]))
-        statuses.append("done")
-    common.write_quarantine(root, STAGE, quarantine)
-    if high_res_rows:
-        ids = [r[0] for r in high_res_rows]
-        table = pa.table({"image_id": ids, **codecs.array_columns("high_res_cams", [r[1] for r in high_res_rows])})
-        codecs.write_parquet(storage.join(layout.high_res_cams_dir(root), layout.part_name(ids)), table)
-    if rows:
-        write_cam_shard(root, rows)
-    return common.status_batch(statuses)
+            table = pa.table({"image_id": ids, **codecs.array_columns("high_res_cams", [batch["high_res"][i] for i in ok])})
+            codecs.write_parquet(storage.join(layout.high_res_cams_dir(root), name), table)
+        table = pa.table({
+            "image_id": pa.array(ids, pa.string()),
+            "key": pa.array([str(batch["cam_key"][i]) for i in ok], pa.string()),
+            "uri": pa.array([str(batch["uri"][i]) for i in ok], pa.string()),
+            "height": pa.array([int(batch["height"][i]) for i in ok], pa.int32()),
+            "width": pa.array([int(batch["width"][i]) for i in ok], pa.int32()),
+            "class_ids": pa.array([[int(c) for c in batch["class_ids"][i]] for i in ok], pa.list_(pa.int32())),
+            **codecs.array_columns("cams", [batch["cams"][i] for i in ok], np.float16),
+        })
+        codecs.write_parquet(storage.join(layout.cams_dir(root), name), table, row_group_size=ROW_GROUP)
+    return common.status_batch(["done" if not e else "quarantined" for e in batch["error"]])
 
 
-CAM_COLUMNS = ("image_id", "uri", "height", "width", "class_ids")
+def relation_params(cfg: Config) -> dict[str, float]:
+    return {"fg_threshold": cfg.relations.fg_threshold, "bg_threshold": cfg.relations.bg_threshold,
+            **{k.removeprefix("crf_"): v for k, v in vars(cfg.relations).items() if k.startswith("crf_")}}
 
 
-def write_cam_shard(root: str, rows: list[dict[str, Any]]) -> None:
-    """One atomic Parquet shard of stride-4 CAMs (float16) and their image metadata."""
-    ids = [r["image_id"] for r in rows]
-    table = pa.table({
-        "image_id": pa.array(ids, pa.string()), "uri": pa.array([r["uri"] for r in rows], pa.string()),
-        "height": pa.array([r["height"] for r in rows], pa.int32()),
-        "width": pa.array([r["width"] for r in rows], pa.int32()),
-        "class_ids": pa.array([r["class_ids"] for r in rows], pa.list_(pa.int32())),
-        **codecs.array_columns("cams", [r["cams"] for r in rows], np.float16),
-    })
-    codecs.write_parquet(storage.join(layout.cams_dir(root), layout.part_name(ids)), table)
-
-
-def stage_key(cfg: Config, classes: list[str]) -> str:
-    """What the CAM outputs depend on: the CAM model, the classes and the settings used."""
-    return common.fingerprint({"model": common.file_fingerprint(layout.model_file(cfg.run.root, "cam")),
-                               "classes": classes, "cams": common.settings(cfg.cams, inference=True),
-                               "relations": common.settings(cfg.relations), "max_pixels": cfg.data.max_pixels})
-
-
-def pending(root: str, source: pa.Table) -> pa.Table:
-    """Rows of ``source`` (image_id, uri, class_ids) whose CAM outputs are missing or out of date.
-
-    A CAM row is out of date when the manifest now gives the image other tags (a nightly manifest
-    may fix them); a quarantine row when the manifest now gives another uri (a fixed reference is
-    retried). Out-of-date rows are removed here, so each image keeps one CAM row. A file changed
-    in place under the same id, uri and tags is not detected: give it a new id.
-    """
-    ids, uris, class_ids = (source.column(c).to_pylist() for c in ("image_id", "uri", "class_ids"))
-    wanted = {i: (u, tuple(c)) for i, u, c in zip(ids, uris, class_ids)}
-    made = common.read_class_ids(layout.cams_dir(root))
-    failed = common.quarantined_uris(root, STAGE)
-    stale = {i for i, tags in made.items() if i in wanted and tags != wanted[i][1]}
-    stale_failed = {i for i, uri in failed.items() if i in wanted and uri != wanted[i][0]}
-    if stale or stale_failed:
-        log.warning("%d images have new tags or a new uri since they were processed; redoing them",
-                    len(stale | stale_failed))
-        # Later stages' failures of a retagged image were failures on its old CAMs: retry them too.
-        for later in ("synthesis-", "ablation_"):
-            common.drop_rows(layout.quarantine_dir(root), stale, prefix=later)
-        common.drop_rows(layout.cams_dir(root), stale)
-        common.drop_rows(layout.quarantine_dir(root), stale_failed, prefix=f"{STAGE}-")
-    done = (set(made) - stale) | (set(failed) - stale_failed)
-    todo = [i not in done for i in ids]
-    # High-res rows of an image without its CAM row (a writer died between the two shards) would
-    # be written again in another shard: drop them first.
-    common.drop_rows(layout.high_res_cams_dir(root), {i for i, t in zip(ids, todo) if t})
-    return source.filter(pa.array(todo, pa.bool_()))
-
-
-def run_cams(cfg: Config, table: pa.Table, classes: list[str]) -> dict[str, int]:
-    """Run the stage over the manifest rows in ``table`` (image_id, uri, labels); counts by status."""
+def run_cams(cfg: Config, manifest_dir: str, classes: list[str], cams_key: str) -> dict[str, Any]:
+    """CAMs and relations for every manifest image without a CAM row of its current key."""
     import ray.data
 
-    common.prepare_stage_dir(layout.cams_dir(cfg.run.root), stage_key(cfg, classes))
-    index = {name: i + 1 for i, name in enumerate(classes)}
-    class_ids = [sorted(index[n] for n in labels) for labels in table.column("labels").to_pylist()]
-    source = pending(cfg.run.root, pa.table({"image_id": table.column("image_id"), "uri": table.column("uri"),
-                                             "class_ids": pa.array(class_ids, pa.list_(pa.int32()))}))
-    if source.num_rows == 0:
-        return {"skipped": table.num_rows}
-    cam_cfg = cfg.cams
-    relation_params = {"fg_threshold": cfg.relations.fg_threshold, "bg_threshold": cfg.relations.bg_threshold,
-                       **{k.removeprefix("crf_"): v for k, v in vars(cfg.relations).items() if k.startswith("crf_")}}
-    ds = common.blocks(source, rows_per_block=max(4, cam_cfg.batch_size)).map_batches(
-        CamInference, batch_size=cam_cfg.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"root": cfg.run.root, "num_classes": len(classes), "scales": cam_cfg.scales,
-                               "max_pixels": cfg.data.max_pixels, "gpus": cam_cfg.gpus_per_actor},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cam_cfg.num_actors),
-        num_cpus=cam_cfg.cpus_per_actor, num_gpus=cam_cfg.gpus_per_actor,
+    root, section = cfg.run.root, cfg.cams
+    t0 = time.perf_counter()
+    pending_ref, counts_ref = common.run_task(plan.cams_plan, root, manifest_dir, classes, cams_key,
+                                              num_returns=2, num_cpus=cfg.run.io_cpus)
+    counts = {**common.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
+    if counts["pending"] == 0:
+        return {**counts, "_skipped": True}
+    block = min(max(8, section.batch_size), cfg.run.shard_rows)
+    ds = common.dataset(pending_ref, block).map_batches(
+        decode_for_cams, batch_size=block, batch_format="numpy", num_cpus=cfg.run.io_cpus,
+        fn_kwargs={"scales": section.scales, "max_pixels": cfg.data.max_pixels},
     ).map_batches(
-        mine_and_write, batch_size=max(4, cam_cfg.batch_size), batch_format="numpy",
-        fn_kwargs={"root": cfg.run.root, "relation_params": relation_params,
-                               "keep_high_res": cam_cfg.keep_high_res},
-        compute=ray.data.TaskPoolStrategy(size=cfg.relations.max_tasks), num_cpus=cfg.relations.cpus_per_task)
-    counts = common.summarise(ds)
-    root = cfg.run.root
+        CamNetwork, batch_size=section.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"root": root, "num_classes": len(classes), "gpus": section.gpus_per_actor,
+                               "bf16": section.bf16},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
+        num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor,
+    ).map_batches(
+        mine_and_write, batch_size=block, batch_format="numpy", num_cpus=cfg.relations.cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=cfg.relations.max_tasks),
+        fn_kwargs={"root": root, "relation_params": relation_params(cfg), "keep_high_res": section.keep_high_res},
+    ).map_batches(
+        write_shard, batch_size=common.shard_batch(cfg.run.shard_rows, block), batch_format="numpy",
+        num_cpus=cfg.run.io_cpus, fn_kwargs={"root": root, "keep_high_res": section.keep_high_res})
+    progress = StageProgress(STAGE, counts["pending"], every_seconds=cfg.run.progress_seconds)
+    counts.update(common.summarise(ds, progress))
     common.finish_stage(layout.cams_dir(root), layout.relations_dir(root), layout.high_res_cams_dir(root),
                         layout.quarantine_dir(root))
-    counts["skipped"] = table.num_rows - source.num_rows
     return counts
 
 
-
-def read_cam_rows(uri: str) -> list[dict[str, Any]]:
-    """Rows of one CAM shard with ``cams`` as float32 [K, h, w] arrays."""
-    table = codecs.read_parquet(uri)
-    rows = table.select(list(CAM_COLUMNS)).to_pylist()
+def read_cam_rows(uri: str, image_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of one CAM shard (only ``image_ids`` when given) with ``cams`` as float32 [K, h, w]."""
+    table = codecs.read_parquet(uri, filters=None if image_ids is None else [("image_id", "in", list(image_ids))])
+    columns = [c for c in ("image_id", "key", "uri", "height", "width", "class_ids") if c in table.column_names]
+    rows = table.select(columns).to_pylist()
     for i, row in enumerate(rows):
         row["cams"] = codecs.read_array(table, "cams", i).astype(np.float32)
     return rows

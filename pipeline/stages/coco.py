@@ -1,37 +1,34 @@
-"""Stage: COCO instance annotations of a labels version (``<labels>/coco.json``, DESIGN §3).
+"""COCO instance annotations of a labels version (``<labels>/coco.json``, DESIGN §3), by streaming.
 
-Reads what the synthesis stage wrote (``images/part-*.parquet``, ``instances/part-*.parquet``)
-one shard at a time and writes one COCO JSON file that ``pycocotools.coco.COCO`` loads:
-``file_name`` is the image_id, masks stay as the compressed RLE strings synthesis produced, and
-every instance carries its ``score`` so the file also serves as a detection-results file.
+Synthesis writes, beside each ``instances/part-*.parquet`` shard, its *COCO part*
+(``part-*.coco.tsv``): one line per annotation, ``image_id<TAB>{annotation JSON without its ids}``,
+formatted by the parallel tasks that labelled the images. ``coco.json`` is then one streamed
+concatenation (:func:`write_coco`): the images come from the version's index, the annotations from
+the parts of the shards the index names, with ids assigned on the way. Memory stays at one part;
+no part is ever rewritten, so a new version costs one pass over existing parts and no new parts
+except those of the images it labelled.
 
-Ids are ranks: images get 1..N in sorted image_id order, annotations 1..M in (image_id,
-instance_id) order, so the same labels give byte-identical JSON whatever the shard names or order.
-An instance shard counts only together with the images shard of the same name: synthesis writes
-instances first and the images row last, so instances without it are leftovers of a crashed batch
-(the retried batch rewrote them, possibly under another shard name).
+Order: images sorted by (instance shard, image_id), ids 1..N in that order; annotations grouped by
+image in the same order, by instance id, ids 1..M. The same index gives byte-identical JSON.
+``file_name`` is the image_id; masks are COCO compressed RLE; every annotation has its ``score``,
+so the file also serves as a detection-results file.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline.io import codecs, storage
+from pipeline import ledger
+from pipeline.io import layout, storage
 
 log = logging.getLogger(__name__)
-
-
-class _Image(NamedTuple):
-    shard: str  # file name of the images shard that lists the image
-    height: int
-    width: int
-    num_instances: int
+PART_SUFFIX = ".coco.tsv"
 
 
 def _f32(value: float) -> float:
@@ -39,100 +36,98 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _read_images(labels_dir: str) -> dict[str, _Image]:
-    """image_id -> _Image for every labelled image; ValueError if an image is listed twice."""
-    images: dict[str, _Image] = {}
-    for uri in storage.list_files(storage.join(labels_dir, "images"), ".parquet"):
-        shard = posixpath.basename(uri)
-        table = codecs.read_parquet_columns(uri, ["image_id", "height", "width", "num_instances"])
-        for row in table.to_pylist():
-            if row["image_id"] in images:
-                raise ValueError(f"image {row['image_id']!r} is listed twice (in {shard} and "
-                                 f"{images[row['image_id']].shard})")
-            images[row["image_id"]] = _Image(shard, row["height"], row["width"], row["num_instances"])
-    return images
+def annotation_body(row: dict[str, Any]) -> str:
+    """The JSON of one instance row as a COCO annotation, without "id" and "image_id"."""
+    return json.dumps({
+        "category_id": int(row["class_id"]),
+        "segmentation": {"size": [int(row["height"]), int(row["width"])], "counts": row["rle_counts"]},
+        "area": int(row["area"]), "bbox": [_f32(v) for v in row["bbox"]], "iscrowd": 0,
+        "score": _f32(row["score"]),
+    })
 
 
-def _annotation_tails(labels_dir: str, images: dict[str, _Image],
-                      num_classes: int) -> dict[str, list[tuple[int, str]]]:
-    """image_id -> [(instance_id, JSON text of the annotation after its "id" and "image_id")].
+def coco_part(instances: list[dict[str, Any]]) -> bytes:
+    """The COCO part of an instances shard: ``image_id<TAB>annotation body`` per instance row, in
+    (image_id, instance_id) order."""
+    rows = sorted(instances, key=lambda r: (r["image_id"], r["instance_id"]))
+    return "".join(f"{r['image_id']}\t{annotation_body(r)}\n" for r in rows).encode("utf-8")
 
-    Holding the JSON text, not the rows, keeps memory at the size of the output file.
+
+def part_uri(labels_dir: str, instances_uri: str) -> str:
+    """Where the COCO part of the shard an index row names (relative to ``labels_dir``) lives."""
+    return storage.resolve(instances_uri.removesuffix(".parquet") + PART_SUFFIX, labels_dir)
+
+
+def _read_part(uri: str) -> dict[str, list[str]]:
+    bodies: dict[str, list[str]] = {}
+    for line in storage.read_text(uri).splitlines():
+        image_id, _, body = line.partition("\t")
+        bodies.setdefault(image_id, []).append(body)
+    return bodies
+
+
+class _Text:
+    """Text writes into a binary stream, encoded as UTF-8 (the stream stays open)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def write(self, text: str) -> None:
+        self.raw.write(text.encode("utf-8"))
+
+
+def image_file_name(image_id: str, uri: str) -> str:
+    """``<image_id><extension of the source>`` (``a.jpg`` for ``s3://b/x/a.jpg``)."""
+    ext = posixpath.splitext(uri.rsplit("/", 1)[-1])[1].lower()
+    return image_id + (ext if ext and len(ext) <= 5 else "")
+
+
+def write_coco(labels_dir: str, classes: list[str], index: pa.Table | None = None,
+               out_uri: str | None = None, *, file_names: str = "id") -> dict[str, Any]:
+    """Stream ``coco.json`` of the labels version at ``labels_dir`` from its index and COCO parts.
+
+    ``file_names``: "id" (``file_name`` is the image_id) or "id+ext" (the image_id plus the
+    source image's extension, as an export with images names the copied files).
+
+    Raises ValueError when a part lists another number of annotations for an image than its index
+    row says (a part that does not belong to the labels).
+    Returns {"uri", "num_images", "num_annotations", "num_categories", "annotations_per_category"}.
     """
-    tails: dict[str, list[tuple[int, str]]] = {image_id: [] for image_id in images}
-    for uri in storage.list_files(storage.join(labels_dir, "instances"), ".parquet"):
-        shard = posixpath.basename(uri)
-        skipped = 0
-        for row in codecs.read_parquet(uri).to_pylist():
-            image = images.get(row["image_id"])
-            if image is None or image.shard != shard:
-                skipped += 1
+    out_uri = out_uri or layout.coco_file(labels_dir)
+    index = ledger.read_index(labels_dir) if index is None else index
+    index = index.select(["image_id", "uri", "height", "width", "num_instances", "instances_uri"]).sort_by(
+        [("instances_uri", "ascending"), ("image_id", "ascending")])
+    rows = index.to_pylist()
+    annotations, per_category = 0, [0] * (len(classes) + 1)
+    with storage.open_output(out_uri) as raw:
+        out = _Text(raw)
+        out.write('{"images": [')
+        for number, row in enumerate(rows, start=1):
+            out.write(",\n" if number > 1 else "\n")
+            name = row["image_id"] if file_names == "id" else image_file_name(row["image_id"], row["uri"])
+            out.write(json.dumps({"id": number, "file_name": name, "height": row["height"], "width": row["width"]}))
+        out.write('\n],\n"annotations": [')
+        shard, bodies = None, {}
+        for number, row in enumerate(rows, start=1):
+            if row["num_instances"] == 0:
                 continue
-            if not 1 <= row["class_id"] <= num_classes:
-                raise ValueError(f"{shard}: class_id {row['class_id']} of {row['image_id']!r} is not in "
-                                 f"1..{num_classes}")
-            if (row["height"], row["width"]) != (image.height, image.width):
-                raise ValueError(f"{shard}: mask of {row['image_id']!r} is {row['height']}x{row['width']}, "
-                                 f"the image {image.height}x{image.width}")
-            body = json.dumps({
-                "category_id": row["class_id"],
-                "segmentation": {"size": [row["height"], row["width"]], "counts": row["rle_counts"]},
-                "area": int(row["area"]), "bbox": [_f32(v) for v in row["bbox"]], "iscrowd": 0,
-                "score": _f32(row["score"]),
-            })
-            tails[row["image_id"]].append((row["instance_id"], body[1:]))  # drop the opening "{"
-        if skipped:
-            log.warning("%s: %d instance rows without an images row in the same shard ignored", uri, skipped)
-    for image_id, rows in tails.items():
-        ids = [instance_id for instance_id, _ in rows]
-        if len(set(ids)) != len(ids) or len(ids) != images[image_id].num_instances:
-            raise ValueError(f"image {image_id!r}: {images[image_id].num_instances} instances listed, "
-                             f"found instance ids {sorted(ids)} in {images[image_id].shard}")
-    return tails
-
-
-def _write_coco(buf: io.StringIO, images: dict[str, _Image], tails: dict[str, list[tuple[int, str]]],
-                classes: list[str]) -> int:
-    """Write the COCO document into ``buf`` piece by piece; returns the number of annotations."""
-    order = sorted(images)
-    buf.write('{"images": [')
-    for number, image_id in enumerate(order, start=1):
-        image = images[image_id]
-        buf.write(",\n" if number > 1 else "\n")
-        buf.write(json.dumps({"id": number, "file_name": image_id, "height": image.height, "width": image.width}))
-    buf.write('\n],\n"annotations": [')
-    count = 0
-    for number, image_id in enumerate(order, start=1):
-        for _, tail in sorted(tails[image_id]):
-            count += 1
-            buf.write(",\n" if count > 1 else "\n")
-            buf.write(f'{{"id": {count}, "image_id": {number}, {tail}')
-    buf.write('\n],\n"categories": [')
-    for class_id, name in enumerate(classes, start=1):
-        buf.write(",\n" if class_id > 1 else "\n")
-        buf.write(json.dumps({"id": class_id, "name": name, "supercategory": "object"}))
-    buf.write("\n]}\n")
-    return count
-
-
-def export_coco(labels_dir: str, classes: list[str], out_uri: str | None = None) -> dict[str, Any]:
-    """Write the COCO instance annotations of the labels version at ``labels_dir``.
-
-    Args:
-        labels_dir: URI of a labels version holding ``images/`` and ``instances/`` Parquet shards
-            (IMAGE_SCHEMA, INSTANCE_SCHEMA of :mod:`pipeline.stages.synthesis`).
-        classes: the C class names; class id c in 1..C is ``classes[c - 1]``.
-        out_uri: where to write; default ``<labels_dir>/coco.json``. Written atomically.
-    Returns: {"uri", "num_images", "num_annotations", "num_categories"}.
-    Raises: ValueError if an image is listed twice, an instance's class is outside 1..C, a mask
-        size differs from its image, or an image's instances do not match its num_instances.
-    """
-    out_uri = out_uri or storage.join(labels_dir, "coco.json")
-    images = _read_images(labels_dir)
-    tails = _annotation_tails(labels_dir, images, len(classes))
-    buf = io.StringIO()
-    count = _write_coco(buf, images, tails, classes)
-    del tails  # the annotations now live in buf; free them before the bytes copy
-    storage.write_bytes(out_uri, buf.getvalue().encode("utf-8"))
-    log.info("wrote %s: %d images, %d annotations", out_uri, len(images), count)
-    return {"uri": out_uri, "num_images": len(images), "num_annotations": count, "num_categories": len(classes)}
+            if row["instances_uri"] != shard:
+                shard = row["instances_uri"]
+                bodies = _read_part(part_uri(labels_dir, shard))
+            mine = bodies.get(row["image_id"], [])
+            if len(mine) != row["num_instances"]:
+                raise ValueError(f"image {row['image_id']!r}: its index row lists {row['num_instances']} instances, "
+                                 f"the COCO part of {shard} has {len(mine)}")
+            for body in mine:
+                per_category[int(body[len('{"category_id": '):body.index(",")])] += 1
+                annotations += 1
+                out.write(",\n" if annotations > 1 else "\n")
+                out.write(f'{{"id": {annotations}, "image_id": {number}, {body[1:]}')
+        out.write('\n],\n"categories": [')
+        for class_id, name in enumerate(classes, start=1):
+            out.write(",\n" if class_id > 1 else "\n")
+            out.write(json.dumps({"id": class_id, "name": name, "supercategory": "object"}))
+        out.write("\n]}\n")
+    log.info("wrote %s: %d images, %d annotations", out_uri, len(rows), annotations)
+    return {"uri": out_uri, "num_images": len(rows), "num_annotations": annotations, "num_categories": len(classes),
+            "annotations_per_category": dict(zip(classes, per_category[1:]))}

@@ -1,37 +1,58 @@
-"""Evaluation of a labels directory against the manifest's ground truth (DESIGN §4 "Evaluation").
+"""Evaluation of a labels version against the manifest's ground truth (DESIGN §4 "Evaluation").
 
 Semantic: confusion over background + C classes (GT 255 ignored) -> mIoU. Instance: VOC-style mask
-AP at each IoU threshold. Images stream through one at a time; only the confusion matrix and the
-per-detection match records are kept.
+AP at each IoU threshold. Images are scored in Ray tasks, one task per instance shard the images'
+labels live in; only each image's confusion matrix and per-detection match records come back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections import defaultdict
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
-from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, mean_iou
-from pipeline.data.manifest import ManifestRow
+from pipeline import ledger
+from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
 from pipeline.io import codecs, layout, storage
+from pipeline.progress import StageProgress
+from pipeline.stages import common, plan
 
 log = logging.getLogger(__name__)
+GT_COLUMNS = ["image_id", "gt_semantic_uri", "gt_instance_uri", "gt_instance_classes"]
 
 
-def _predicted_instances(labels_dir: str, image_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
-    """Instance rows of ``image_ids`` from the labels' instance shards, grouped by image."""
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    committed = {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(labels_dir, "images"), ".parquet")}
-    for uri in storage.list_files(storage.join(labels_dir, "instances"), ".parquet"):
-        if uri.rsplit("/", 1)[-1] not in committed:
-            continue  # left by a batch that died before its images shard: not part of the labels
-        for row in codecs.read_parquet(uri).to_pylist():
-            if row["image_id"] in image_ids:
-                grouped[row["image_id"]].append(row)
-    return grouped
+def has_ground_truth(manifest: pa.Table) -> pa.Array:
+    return pc.or_(pc.not_equal(pc.fill_null(manifest.column("gt_semantic_uri"), ""), ""),
+                  pc.not_equal(pc.fill_null(manifest.column("gt_instance_uri"), ""), ""))
+
+
+def evaluation_plan(manifest_dir: str, labels_dir: str) -> tuple[pa.Table, dict[str, int]]:
+    """Task: the ground-truth images of the manifest that the labels hold, one row per instance
+    shard (lists of image ids, label and ground-truth URIs), and how many have no labels."""
+    manifest = plan.read_manifest(manifest_dir, GT_COLUMNS)
+    gt = manifest.filter(has_ground_truth(manifest))
+    index = ledger.read_index(labels_dir, ["image_id", "semantic_uri", "instances_uri"])
+    rows = ledger.join_rows(gt, index, ["image_id"], "inner", extra=["semantic_uri", "instances_uri"])
+    classes_json = pa.array([list(v or []) for v in rows.column("gt_instance_classes").to_pylist()],
+                            pa.list_(pa.string()))
+    rows = rows.set_column(rows.schema.get_field_index("gt_instance_classes"), "gt_instance_classes", classes_json)
+    grouped = pa.table({"instances_uri": rows.column("instances_uri"), "image_id": rows.column("image_id"),
+                        "semantic_uri": rows.column("semantic_uri"),
+                        "gt_semantic_uri": rows.column("gt_semantic_uri"),
+                        "gt_instance_uri": rows.column("gt_instance_uri")})
+    grouped = grouped.group_by("instances_uri").aggregate(
+        [(c, "list") for c in ("image_id", "semantic_uri", "gt_semantic_uri", "gt_instance_uri")])
+    # gt_instance_classes are lists: carried as a lookup the scoring task filters by image id.
+    lookup = dict(zip(rows.column("image_id").to_pylist(), classes_json.to_pylist()))
+    grouped = grouped.append_column(
+        "gt_instance_classes", pa.array([[lookup[i] for i in ids] for ids in grouped.column("image_id_list").to_pylist()],
+                                        pa.list_(pa.list_(pa.string()))))
+    return grouped, {"ground_truth": gt.num_rows, "labelled": rows.num_rows, "missing_labels": gt.num_rows - rows.num_rows}
 
 
 def decode_instances(rows: list[dict[str, Any]], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,12 +64,11 @@ def decode_instances(rows: list[dict[str, Any]], size: tuple[int, int]) -> tuple
     return masks, np.array([r["class_id"] for r in rows]), np.array([r["score"] for r in rows], np.float32)
 
 
-def gt_instances(row: ManifestRow, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def gt_instances(ids: np.ndarray, instance_classes: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth masks bool [M, H, W] and class ids [M] (instance id i has class i-1 in the list)."""
-    ids = codecs.decode_label_png(storage.read_bytes(row.gt_instance_uri))
     index = {name: i + 1 for i, name in enumerate(classes)}
     masks, class_ids = [], []
-    for instance_id, name in enumerate(row.gt_instance_classes, start=1):
+    for instance_id, name in enumerate(instance_classes, start=1):
         mask = ids == instance_id
         if mask.any() and name in index:
             masks.append(mask)
@@ -58,66 +78,104 @@ def gt_instances(row: ManifestRow, classes: list[str]) -> tuple[np.ndarray, np.n
     return np.stack(masks), np.array(class_ids)
 
 
-def evaluate_labels(labels_dir: str, rows: list[ManifestRow], classes: list[str], *,
-                    iou_thresholds: list[float]) -> dict[str, Any]:
-    """mIoU and mask AP of the labels in ``labels_dir`` on the rows that have ground truth."""
-    rows = [r for r in rows if r.has_ground_truth]
-    predicted = _predicted_instances(labels_dir, {r.image_id for r in rows})
+def score_shard(batch: dict[str, np.ndarray], *, labels_dir: str, classes: list[str],
+                thresholds: list[float]) -> Iterator[dict[str, Any]]:
+    """Task per instance shard: each of its ground-truth images' confusion and AP records."""
+    for shard, ids, semantic_uris, gt_semantic, gt_instance, gt_classes in zip(
+            batch["instances_uri"], batch["image_id_list"], batch["semantic_uri_list"], batch["gt_semantic_uri_list"],
+            batch["gt_instance_uri_list"], batch["gt_instance_classes"]):
+        table = codecs.read_parquet(storage.resolve(str(shard), labels_dir), filters=[("image_id", "in", list(ids))])
+        predicted: dict[str, list[dict]] = {}
+        for row in table.to_pylist():
+            predicted.setdefault(row["image_id"], []).append(row)
+        out: dict[str, list] = {"status": [], "confusion": [], "ap_records": []}
+        for image_id, semantic_uri, sem_uri, ins_uri, names in zip(ids, semantic_uris, gt_semantic, gt_instance, gt_classes):
+            pred = codecs.decode_label_png(storage.read_bytes(storage.resolve(str(semantic_uri), labels_dir)))
+            matrix, records, status = None, None, "scored"
+            if sem_uri:
+                gt = codecs.decode_label_png(storage.read_bytes(str(sem_uri)))
+                if gt.shape != pred.shape:
+                    log.warning("%s: ground truth %s and labels %s differ in size; skipped", image_id, gt.shape,
+                                pred.shape)
+                    status = "size mismatch"
+                else:
+                    matrix = confusion(pred, gt, len(classes) + 1)
+            if ins_uri and status == "scored":
+                gt_ids = codecs.decode_label_png(storage.read_bytes(str(ins_uri)))
+                rows = sorted(predicted.get(str(image_id), []), key=lambda r: r["instance_id"])
+                records = image_records(*decode_instances(rows, pred.shape), *gt_instances(gt_ids, list(names), classes),
+                                        iou_thresholds=thresholds)
+            out["status"].append(status)
+            out["confusion"].append(np.zeros((0, 0), np.int64) if matrix is None else matrix)
+            out["ap_records"].append("" if records is None else json.dumps(records))
+        yield {"status": np.array(out["status"], dtype=object), "confusion": common.object_array(out["confusion"]),
+               "ap_records": np.array(out["ap_records"], dtype=object)}
+
+
+def evaluate_labels(cfg, manifest_dir: str, labels_dir: str, classes: list[str], *, name: str = "evaluate",
+                    ) -> dict[str, Any]:
+    """mIoU and mask AP of the labels in ``labels_dir`` on the manifest rows that have ground truth."""
+    thresholds = list(cfg.eval.iou_thresholds)
+    grouped_ref, counts_ref = common.run_task(evaluation_plan, manifest_dir, labels_dir, num_returns=2,
+                                              num_cpus=cfg.run.io_cpus)
+    counts = common.get(counts_ref)
     matrix = np.zeros((len(classes) + 1, len(classes) + 1), np.int64)
-    ap = MaskAPAccumulator(iou_thresholds=iou_thresholds)
-    semantic_images = instance_images = missing = 0
-    for row in rows:
-        semantic_uri = layout.semantic_png(labels_dir, row.image_id)
-        if not storage.exists(semantic_uri):
-            missing += 1  # quarantined or not labelled: reported, not scored
-            continue
-        pred = codecs.decode_label_png(storage.read_bytes(semantic_uri))
-        if row.gt_semantic_uri:
-            gt = codecs.decode_label_png(storage.read_bytes(row.gt_semantic_uri))
-            if gt.shape != pred.shape:
-                log.warning("%s: ground truth %s and labels %s differ in size; skipped", row.image_id,
-                            gt.shape, pred.shape)
-                continue
-            matrix += confusion(pred, gt, len(classes) + 1)
-            semantic_images += 1
-        if row.gt_instance_uri:
-            gt_masks, gt_classes = gt_instances(row, classes)
-            ap.add(*decode_instances(predicted.get(row.image_id, []), pred.shape), gt_masks, gt_classes)
-            instance_images += 1
+    ap = MaskAPAccumulator(iou_thresholds=thresholds)
+    semantic_images = instance_images = 0
+    if counts["labelled"]:
+        ds = common.dataset(grouped_ref, 1).map_batches(
+            score_shard, batch_size=1, batch_format="numpy", num_cpus=1,
+            fn_kwargs={"labels_dir": labels_dir, "classes": classes, "thresholds": thresholds})
+        progress = StageProgress(name, counts["labelled"], every_seconds=cfg.run.progress_seconds)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for m, records in zip(batch["confusion"], batch["ap_records"]):
+                if m is not None and m.size:
+                    matrix += m
+                    semantic_images += 1
+                if records:
+                    ap.extend(*json.loads(records))
+                    instance_images += 1
+            progress.add(len(batch["status"]))
     iou = mean_iou(matrix)
     ap_result = ap.result()
     return {
-        "images": {"semantic": semantic_images, "instance": instance_images, "missing_labels": missing},
+        "images": {"semantic": semantic_images, "instance": instance_images, "missing_labels": counts["missing_labels"]},
         "miou": iou["mean"] if semantic_images else None,
-        "per_class_iou": {name: iou["per_class"][i] for i, name in enumerate(["background", *classes])}
+        "per_class_iou": {n: iou["per_class"][i] for i, n in enumerate(["background", *classes])}
         if semantic_images else {},
-        "ap": {f"{t:g}": (ap_result[t]["mean"] if instance_images else None) for t in iou_thresholds},
+        "ap": {f"{t:g}": (ap_result[t]["mean"] if instance_images else None) for t in thresholds},
         "per_class_ap": {f"{t:g}": {classes[c - 1]: v for c, v in ap_result[t]["per_class"].items()}
-                         for t in iou_thresholds} if instance_images else {},
+                         for t in thresholds} if instance_images else {},
     }
 
 
-def cam_classification_map(root: str, rows: list[ManifestRow], classes: list[str], *, max_images: int) -> dict[str, Any] | None:
-    """Classification mAP of the trained CAM network on held-out (split 'val') images, or None."""
+def cam_classification_map(root: str, manifest_dir: str, classes: list[str], *, max_images: int,
+                           ) -> dict[str, Any] | None:
+    """Task: classification mAP of the trained CAM network on the held-out images, or None."""
     from pipeline.algorithms.metrics import classification_map
     from pipeline.data.images import ImageDecodeError, decode_image
     from pipeline.train.cam import multi_hot, predict_scores
     from pipeline.train.common import load_trained
 
-    held_out = [r for r in rows if r.split == "val"][:max_images]
+    manifest = plan.read_manifest(manifest_dir, ["uri", "labels", "held_out"])
+    held_out = manifest.filter(manifest.column("held_out")).slice(0, max_images).to_pylist()
     if not held_out:
         return None
     net = load_trained(root, "cam", num_classes=len(classes))
     images, targets = [], []
     for row in held_out:
         try:
-            images.append(decode_image(storage.read_bytes(row.uri)))
+            images.append(decode_image(storage.read_bytes(row["uri"])))
         except (ImageDecodeError, OSError):
             continue  # quarantined by the CAM stage
-        targets.append(multi_hot(row.labels, classes))
+        targets.append(multi_hot(row["labels"], classes))
     if not images:
         return None
     result = classification_map(predict_scores(net, images), np.stack(targets))
     chance = float(np.mean([t.mean() for t in np.stack(targets).T]))
     return {"images": len(images), "map": result["mean"], "chance": chance,
             "per_class": dict(zip(classes, result["per_class"]))}
+
+
+def metrics_uri(root: str) -> str:
+    return storage.join(layout.report_dir(root), "metrics.json")

@@ -1,42 +1,39 @@
-"""Stage: IRNet inference + label synthesis per image (actor pool, GPU when present, else CPU).
+"""Stage: IRNet inference + label synthesis (Sec. 5) of the images a labels version still needs.
 
-Reads the CAM shards, writes into a labels version directory ``labels/<V>/``: the semantic PNG
-(VOC palette), the 16-bit instance-id PNG, ``instances/part-*.parquet`` (one row per instance,
-COCO RLE) and ``images/part-*.parquet`` (one row per labelled image; an image is done when it is
-listed there). Methods: ``irnet`` (the paper), ``cam_boundary`` (no displacement) and ``cam``
-(threshold + components) for the ablations of Table 1.
+The Ray Data graph: a task per CAM shard reads the CAM rows of its pending images; CPU tasks
+decode, normalise and zero-pad each image to the IRNet training crop (as the official inference
+does, so GroupNorm sees what it saw in training); network actors (GPU when
+``synthesis.gpus_per_actor`` > 0) run IRNet on batches of equally padded images; CPU tasks run the
+random walk, the instance grouping, and write the semantic PNG (VOC palette) and the 16-bit
+instance-id PNG; shard writers commit ``run.shard_rows`` images at a time (``ledger.commit_labels``).
+Methods: ``irnet`` (the paper), ``cam_boundary`` (no displacement) and ``cam`` (threshold +
+components) for the ablations of Table 1.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 from pycocotools import mask as mask_utils
 
+from pipeline import ledger
 from pipeline.algorithms import synthesis as algo
 from pipeline.config import Config, SynthesisConfig
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.images import decode_image
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage
-from pipeline.stages import common
-from pipeline.stages.cams import pick_device, read_cam_rows
+from pipeline.progress import StageProgress
+from pipeline.stages import coco, common, plan
+from pipeline.stages.cams import failure, pick_device, read_cam_rows
 from pipeline.train.common import load_trained
 
 log = logging.getLogger(__name__)
 STAGE = "synthesis"
-
-IMAGE_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("height", pa.int32()),
-                          ("width", pa.int32()), ("num_instances", pa.int32()),
-                          ("class_ids", pa.list_(pa.int32()))])  # the tags the labels were made for
-INSTANCE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("instance_id", pa.int32()), ("class_id", pa.int32()),
-    ("score", pa.float32()), ("area", pa.int64()), ("bbox", pa.list_(pa.float32(), 4)),
-    ("rle_counts", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
-])
 
 
 def synthesize(method: str, cams: np.ndarray, class_ids: list[int], image_size: tuple[int, int],
@@ -86,126 +83,179 @@ def instance_rows(image_id: str, masks: np.ndarray, classes: np.ndarray, scores:
     return rows
 
 
-class Synthesize:
-    """Actor: loads IRNet once (not needed for ``cam``); labels a batch of CAM rows and writes it."""
+def read_pending_cams(batch: dict[str, np.ndarray], *, root: str, block: int) -> Iterator[dict[str, Any]]:
+    """Task per CAM shard: the CAM rows of its pending images, with the uri the manifest gives now
+    (the file may have moved since its CAMs were made), in batches of ``block``."""
+    for shard, ids, uris, keys in zip(batch["cam_shard"], batch["image_ids"], batch["uris"], batch["label_keys"]):
+        wanted = {str(i): (str(u), str(k)) for i, u, k in zip(ids, uris, keys)}
+        rows = read_cam_rows(storage.join(layout.cams_dir(root), str(shard)), sorted(wanted))
+        for start in range(0, len(rows), block):
+            part = rows[start:start + block]
+            yield {"image_id": np.array([r["image_id"] for r in part], dtype=object),
+                   "uri": np.array([wanted[r["image_id"]][0] for r in part], dtype=object),
+                   "label_key": np.array([wanted[r["image_id"]][1] for r in part], dtype=object),
+                   "height": np.array([r["height"] for r in part], np.int32),
+                   "width": np.array([r["width"] for r in part], np.int32),
+                   "class_ids": common.object_array([np.asarray(r["class_ids"], np.int32) for r in part]),
+                   "cams": common.object_array([r["cams"] for r in part])}
 
-    def __init__(self, *, labels_dir: str, root: str, method: str, params: dict[str, Any], max_pixels: int,
-                 gpus: float, stage: str = STAGE):
-        self.labels_dir, self.root, self.method, self.max_pixels = labels_dir, root, method, max_pixels
-        self.stage = stage
-        self.params = SynthesisConfig(**params)
+
+def padded_input(image: np.ndarray, pad_to: int) -> np.ndarray:
+    """float32 [3, max(H, pad_to), max(W, pad_to)]: normalised, zero-padded bottom/right."""
+    x = normalize(image)
+    height, width = image.shape[:2]
+    out = np.zeros((3, max(height, pad_to), max(width, pad_to)), np.float32)
+    out[:, :height, :width] = x
+    return out
+
+
+def decode_for_irn(batch: dict[str, np.ndarray], *, max_pixels: int, pad_to: int) -> dict[str, Any]:
+    """CPU task: decode each image, check it against its CAMs, normalise and pad it (or an error)."""
+    inputs, errors = [], []
+    for uri, height, width in zip(batch["uri"], batch["height"], batch["width"]):
+        x, error = _EMPTY, ""
+        try:
+            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            if image.shape[:2] != (int(height), int(width)):
+                raise ValueError(f"image is {image.shape[:2]} but its CAMs were made for {(int(height), int(width))}")
+            x = padded_input(image, pad_to)
+        except Exception as err:  # noqa: BLE001
+            error = f"synthesis failed ({failure(err, 'decoding')})"
+        inputs.append(x)
+        errors.append(error)
+    return {**batch, "input": common.object_array(inputs), "error": np.array(errors, dtype=object)}
+
+
+_EMPTY = np.zeros((0, 0, 0), np.float32)
+
+
+class IrnNetwork:
+    """Actor: IRNet, loaded once; boundary and displacement maps of batches of padded images."""
+
+    def __init__(self, *, root: str, gpus: float, bf16: bool):
         self.device = pick_device(gpus)
-        self.model = None
-        if method != "cam":
-            self.model = load_trained(root, "irn").to(self.device)
+        self.model = load_trained(root, "irn").to(self.device)
+        self.bf16 = bf16
 
-    def label_one(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        size = (int(row["height"]), int(row["width"]))
-        boundary = displacement = None
-        if self.model is not None:
-            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=self.max_pixels)
-            if image.shape[:2] != size:
-                raise ValueError(f"image is {image.shape[:2]} but its CAMs were made for {size}")
-            x = torch.from_numpy(normalize(image)).to(self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                boundary, displacement = self.model.infer(x)
-        return synthesize(self.method, row["cams"], list(row["class_ids"]), size, boundary, displacement,
-                          self.params)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, instances, quarantine, statuses = [], [], [], []
-        for i in range(len(batch["image_id"])):
-            row = {key: batch[key][i] for key in batch}
-            image_id = str(row["image_id"])
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["image_id"])
+        boundary: list[Any] = [_EMPTY] * n
+        displacement: list[Any] = [_EMPTY] * n
+        errors = list(batch["error"])
+        by_shape: dict[tuple, list[int]] = {}
+        for i in range(n):
+            if not errors[i]:
+                by_shape.setdefault(batch["input"][i].shape, []).append(i)
+        for members in by_shape.values():
             try:
-                semantic, masks, classes, scores = self.label_one(row)
-                storage.write_bytes(layout.semantic_png(self.labels_dir, image_id), codecs.encode_semantic_png(semantic))
-                storage.write_bytes(layout.instance_png(self.labels_dir, image_id),
-                                    codecs.encode_instance_png(instance_id_map(masks, scores, semantic.shape)))
-            except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
-                log.exception("synthesis failed for %s", image_id)
-                reason = err.reason if isinstance(err, ImageDecodeError) else f"{type(err).__name__}: {err}"
-                quarantine.append({"image_id": image_id, "uri": str(row["uri"]), "reason": f"synthesis failed ({reason})"})
-                statuses.append("quarantined")
-                continue
-            instances += instance_rows(image_id, masks, classes, scores)
-            images.append({"image_id": image_id, "uri": str(row["uri"]), "height": semantic.shape[0],
-                           "width": semantic.shape[1], "num_instances": len(masks),
-                           "class_ids": [int(c) for c in row["class_ids"]]})
-            statuses.append("done")
-        common.write_quarantine(self.root, self.stage, quarantine)
-        if images:
-            ids = [r["image_id"] for r in images]
-            # Instances first: an image counts as done only once its images row exists.
-            codecs.write_parquet(storage.join(self.labels_dir, "instances", layout.part_name(ids)),
-                                 pa.Table.from_pylist(instances, schema=INSTANCE_SCHEMA))
-            codecs.write_parquet(storage.join(self.labels_dir, "images", layout.part_name(ids)),
-                                 pa.Table.from_pylist(images, schema=IMAGE_SCHEMA))
-        return common.status_batch(statuses)
+                x = torch.from_numpy(np.stack([batch["input"][i] for i in members])).to(self.device)
+                sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in members]
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16 and self.device.type == "cuda"):
+                    results = self.model.infer_padded(x, sizes)
+                for i, result in zip(members, results):
+                    boundary[i] = result.boundary.float().cpu().numpy()
+                    displacement[i] = result.displacement.float().cpu().numpy()
+            except Exception as err:  # noqa: BLE001
+                log.exception("IRNet failed on a batch")
+                for i in members:
+                    errors[i] = f"synthesis failed ({failure(err, 'IRNet inference')})"
+        out = {k: v for k, v in batch.items() if k != "input"}
+        return {**out, "boundary": common.object_array(boundary), "displacement": common.object_array(displacement),
+                "error": np.array(errors, dtype=object)}
 
 
-def _read_pending(item: dict[str, Any], *, pending: dict[str, str | None]) -> list[dict[str, Any]]:
-    """flat_map: the rows of one CAM shard whose image is still to be labelled, each with the uri
-    the manifest now gives (the file may have moved since its CAMs were made)."""
-    rows = [row for row in read_cam_rows(item["uri"]) if row["image_id"] in pending]
-    for row in rows:
-        row["uri"] = pending[row["image_id"]] or row["uri"]
-    return rows
+def label_and_write(batch: dict[str, np.ndarray], *, labels_dir: str, method: str,
+                    params: dict[str, Any]) -> dict[str, Any]:
+    """CPU task: labels of each image by ``method``; writes its PNGs; emits its index row fields
+    and instance rows as JSON (or an error)."""
+    section = SynthesisConfig(**params)
+    n = len(batch["image_id"])
+    errors = list(batch["error"]) if "error" in batch else [""] * n
+    rows: list[Any] = [None] * n
+    for i in range(n):
+        if errors[i]:
+            continue
+        image_id, size = str(batch["image_id"][i]), (int(batch["height"][i]), int(batch["width"][i]))
+        try:
+            boundary = displacement = None
+            if method != "cam":
+                boundary = torch.from_numpy(batch["boundary"][i])
+                displacement = torch.from_numpy(batch["displacement"][i])
+            cams, class_ids = batch["cams"][i], [int(c) for c in batch["class_ids"][i]]
+            semantic, masks, classes, scores = synthesize(method, cams, class_ids, size, boundary, displacement,
+                                                          section)
+            storage.write_bytes(layout.semantic_png(labels_dir, image_id), codecs.encode_semantic_png(semantic))
+            storage.write_bytes(layout.instance_png(labels_dir, image_id),
+                                codecs.encode_instance_png(instance_id_map(masks, scores, size)))
+        except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
+            log.exception("synthesis failed for %s", image_id)
+            errors[i] = f"synthesis failed ({failure(err, 'labelling')})"
+            continue
+        foreground = (semantic != 0) & (semantic != 255)
+        cam_area = float((cams.max(axis=0) > section.cam_bg_threshold).mean()) if len(cams) else 0.0
+        rows[i] = json.dumps(({"image_id": image_id, "key": str(batch["label_key"][i]), "uri": str(batch["uri"][i]),
+                    "height": size[0], "width": size[1], "class_ids": class_ids, "num_instances": len(masks),
+                    "semantic_uri": f"semantic/{image_id}.png", "instance_uri": f"instance/{image_id}.png",
+                    "instances_uri": None, "fg_fraction": float(foreground.mean()), "cam_fraction": cam_area},
+                   instance_rows(image_id, masks, classes, scores)))
+    return {"image_id": batch["image_id"], "uri": batch["uri"], "label_key": batch["label_key"],
+            "labels": np.array([r or "" for r in rows], dtype=object), "error": np.array(errors, dtype=object)}
 
 
-def current_labels(made_for: dict[str, tuple], labels_dir: str) -> tuple[set[str], set[str]]:
-    """(ids labelled in ``labels_dir`` from their current CAM rows, ids labelled from older ones).
+def commit_shard(batch: dict[str, np.ndarray], *, root: str, labels_dir: str, stage: str) -> dict[str, np.ndarray]:
+    """CPU task: commit a shard's worth of labelled images, and the quarantine rows of the rest."""
+    images, instances, failed, statuses = [], [], [], []
+    for i, image_id in enumerate(batch["image_id"]):
+        if batch["error"][i]:
+            failed.append({"image_id": str(image_id), "uri": str(batch["uri"][i]), "reason": str(batch["error"][i]),
+                           "key": str(batch["label_key"][i])})
+            statuses.append("quarantined")
+            continue
+        image, rows = json.loads(batch["labels"][i])
+        images.append(image)
+        instances += rows
+        statuses.append("done")
+    ledger.write_quarantine(root, stage, failed)
+    ledger.commit_labels(labels_dir, images, instances, coco.coco_part(instances))
+    return common.status_batch(statuses)
 
-    ``made_for``: :func:`common.read_class_ids` of the CAM shards. An image's labels are out of
-    date when its CAMs were remade for other tags.
-    """
-    labelled = common.read_class_ids(storage.join(labels_dir, "images"))
-    current = {i for i, tags in labelled.items() if i in made_for and made_for[i] == tags}
-    return current, set(labelled) - current
 
-
-def run_synthesis(cfg: Config, labels_dir: str, *, method: str | None = None,
-                  uris: dict[str, str] | None = None, stage: str = STAGE) -> dict[str, int]:
-    """Label every CAM row not yet labelled in ``labels_dir`` from its current CAMs; counts by status.
-
-    ``uris``: only these images (image_id -> where the image file is now); None = every CAM row,
-    read from the uri its CAMs were made from. ``labels_dir`` must not be a published version:
-    out-of-date rows (and rows of images not in ``uris``) are removed from it first.
-    """
+def run_synthesis(cfg: Config, manifest_dir: str, classes: list[str], cams_key: str, synthesis_key: str,
+                  labels_dir: str, base_dir: str | None, *, method: str | None = None, stage: str = STAGE,
+                  ground_truth_only: bool = False) -> dict[str, Any]:
+    """Label into ``labels_dir`` every image the version still needs (ledger.plan_synthesis)."""
     import ray.data
 
-    root = cfg.run.root
-    method = method or cfg.synthesis.method
-    cams = common.read_class_ids(layout.cams_dir(root))
-    wanted = set(cams) if uris is None else set(cams) & set(uris)
-    current, stale = current_labels(cams, labels_dir)
-    if uris is not None:  # labels of images no longer asked for leave this directory too
-        stale |= current - set(uris)
-        current &= set(uris)
-    pending = wanted - current - common.quarantined_ids(root, stage)
-    # Instance rows go for out-of-date images and for images about to be labelled (a writer that
-    # died between its two shards, or a version copy cut short, can leave them without an images
-    # row; labelling again would add them a second time). The images row, the marker, goes last.
-    common.drop_rows(storage.join(labels_dir, "instances"), stale | pending)
-    for image_id in stale:
-        storage.remove(layout.semantic_png(labels_dir, image_id))
-        storage.remove(layout.instance_png(labels_dir, image_id))
-    common.drop_rows(storage.join(labels_dir, "images"), stale)
-    if not pending:
-        return {"skipped": len(wanted)}
-    shards = storage.list_files(layout.cams_dir(root), ".parquet")
-    section = cfg.synthesis
-    ds = ray.data.from_items([{"uri": uri} for uri in shards]).flat_map(
-        _read_pending, fn_kwargs={"pending": {i: (uris or {}).get(i) for i in pending}}, num_cpus=0.25,
+    root, section = cfg.run.root, cfg.synthesis
+    method = method or section.method
+    t0 = time.perf_counter()
+    pending_ref, counts_ref = common.run_task(
+        plan.synthesis_plan, root, manifest_dir, classes, cams_key, synthesis_key, labels_dir, base_dir,
+        stage=stage, ground_truth_only=ground_truth_only, num_returns=2, num_cpus=cfg.run.io_cpus)
+    counts = {**common.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
+    if counts["pending"] == 0:
+        return counts
+    block = min(max(8, section.batch_size), cfg.run.shard_rows)
+    ds = common.dataset(pending_ref, 1).map_batches(
+        read_pending_cams, batch_size=1, batch_format="numpy", num_cpus=cfg.run.io_cpus,
+        fn_kwargs={"root": root, "block": block})
+    if method != "cam":
+        ds = ds.map_batches(
+            decode_for_irn, batch_size=block, batch_format="numpy", num_cpus=cfg.run.io_cpus,
+            fn_kwargs={"max_pixels": cfg.data.max_pixels, "pad_to": cfg.train_irn.crop_size},
+        ).map_batches(
+            IrnNetwork, batch_size=section.batch_size, batch_format="numpy",
+            fn_constructor_kwargs={"root": root, "gpus": section.gpus_per_actor, "bf16": section.bf16},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
+            num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor)
+    ds = ds.map_batches(
+        label_and_write, batch_size=block, batch_format="numpy", num_cpus=section.cpus_per_task,
+        fn_kwargs={"labels_dir": labels_dir, "method": method, "params": vars(section)},
     ).map_batches(
-        Synthesize, batch_size=section.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={
-            "labels_dir": labels_dir, "root": root, "method": method, "params": vars(section),
-            "max_pixels": cfg.data.max_pixels, "gpus": section.gpus_per_actor, "stage": stage},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
-        num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor)
-    counts = common.summarise(ds)
+        commit_shard, batch_size=common.shard_batch(cfg.run.shard_rows, block), batch_format="numpy",
+        num_cpus=cfg.run.io_cpus, fn_kwargs={"root": root, "labels_dir": labels_dir, "stage": stage})
+    progress = StageProgress(stage, counts["pending"], every_seconds=cfg.run.progress_seconds)
+    counts.update(common.summarise(ds, progress))
     common.finish_stage(*(storage.join(labels_dir, sub) for sub in ("semantic", "instance", "instances", "images")),
                         layout.quarantine_dir(root))
-    counts["skipped"] = len(wanted) - len(pending)
     return counts

@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +19,7 @@ from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.transforms import cam_train_sample
 from pipeline.io import layout, storage
 from pipeline.models.cam_net import build_cam_net
-from pipeline.stages.common import blocks
+from pipeline.stages.common import dataset
 from pipeline.train import common
 
 log = logging.getLogger(__name__)
@@ -71,44 +70,43 @@ def train_cam_loop(config: dict[str, Any]) -> dict[str, Any]:
                                 config["weight_decay"])
 
     def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with common.autocast(batch["image"].device):
+        with common.autocast(batch["image"].device, config["bf16"]):
             logits = net(batch["image"])
         return F.multilabel_soft_margin_loss(logits.float(), batch["target"])
 
     return common.fit_epochs("train_cam", model, optimizer, config, loss_fn)
 
 
-def cam_train_dataset(table: pa.Table, classes: list[str], cfg: Config):
-    """Ray Dataset of augmented training crops from a manifest table (columns uri, labels)."""
+def cam_train_dataset(table_ref, cfg: Config):
+    """Ray Dataset of augmented training crops from a table (uri, target) made by a planning task."""
     import ray.data
 
-    targets = [multi_hot(labels, classes).tolist() for labels in table.column("labels").to_pylist()]
-    source = pa.table({"uri": table.column("uri"), "target": pa.array(targets, pa.list_(pa.float32()))})
     section = cfg.train_cam
-    return blocks(source).randomize_block_order(seed=cfg.run.seed).map_batches(
+    return dataset(table_ref, 16).randomize_block_order(seed=cfg.run.seed).map_batches(
         CamTrainBatch, fn_constructor_kwargs={"resize_long": section.resize_long, "crop": section.crop_size,
                                               "max_pixels": cfg.data.max_pixels},
         batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=0.5)
 
 
-def train_cam(cfg: Config, table: pa.Table, classes: list[str], *, name: str = "cam") -> dict[str, Any]:
-    """Train on the manifest rows in ``table`` and export ``<root>/models/cam/model.pt``.
+def train_cam(cfg: Config, table_ref, num_images: int, classes: list[str], *, name: str = "cam") -> dict[str, Any]:
+    """Train on the ``num_images`` rows (uri, target) behind ``table_ref`` (plan.cam_training_rows)
+    and export ``<root>/models/cam/model.pt``.
 
     Reruns resume from the latest checkpoint of the run named ``name`` under ``<root>/models``.
     """
     section = cfg.train_cam
-    max_step = section.epochs * common.steps_per_epoch(table.num_rows, section.batch_size, section.num_workers)
+    max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers)
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
     loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step, "seed": cfg.run.seed}
     result = common.run_trainer(
-        train_cam_loop, loop_config, {"train": cam_train_dataset(table, classes, cfg)}, root=cfg.run.root,
+        train_cam_loop, loop_config, {"train": cam_train_dataset(table_ref, cfg)}, root=cfg.run.root,
         name=name, num_workers=section.num_workers, use_gpu=section.use_gpu,
         cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures)
     return common.export_model(result, layout.model_file(cfg.run.root, "cam"),
                                {"network": "cam", "classes": classes, "config": vars(section),
-                                "num_images": table.num_rows})
+                                "num_images": num_images})
 
 
 def backbone_source(init: str):

@@ -41,9 +41,9 @@ def steps_per_epoch(num_images: int, batch_size: int, num_workers: int) -> int:
     return max(1, math.ceil(math.ceil(num_images / num_workers) / per_worker_batch))
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU, plain fp32 on CPU."""
-    if device.type == "cuda":
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on GPU when asked for (``bf16``), else plain fp32."""
+    if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -60,11 +60,13 @@ class Progress:
         done = step - self.start_step
         if not self.enabled or (step % self.every and step != self.max_step):
             return
+        from pipeline.progress import duration
+
         elapsed = time.perf_counter() - self.t0
         rate = self.images / elapsed if elapsed > 0 else 0.0
         eta = elapsed / max(1, done) * (self.max_step - step)
-        log.warning("%s epoch %d step %d/%d loss %.4f %.1f img/s (this worker) ETA %ds",
-                    self.name, epoch, step, self.max_step, loss, rate, int(eta))
+        log.warning("%s: step %d/%d (%d%%), epoch %d, loss %.4f, %.2f images/s per worker, ETA %s", self.name,
+                    step, self.max_step, 100 * step // max(1, self.max_step), epoch, loss, rate, duration(eta))
 
     def images_per_second(self) -> float:
         elapsed = time.perf_counter() - self.t0
@@ -164,7 +166,7 @@ def run_trainer(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], da
                 root: str, name: str, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                 max_failures: int):
     """Fit with Ray Train (DDP); checkpoints under ``<root>/models``; resumes a same-named run."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_filesystem = storage.join(root, "models"), None
@@ -184,7 +186,10 @@ def run_trainer(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], da
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray Train's own INFO lines (checkpoint paths, worker groups) stay in
+                             # its log files; our progress lines are warnings and still show.
+                             logging_config=LoggingConfig(log_level="WARNING")))
     result = trainer.fit()
     if result.error:
         raise result.error

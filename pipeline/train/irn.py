@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from pipeline.algorithms.losses import irn_losses
@@ -22,7 +21,7 @@ from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.transforms import irn_train_sample, normalize
 from pipeline.io import codecs, layout, storage
 from pipeline.models.irnet import build_irnet
-from pipeline.stages.common import blocks
+from pipeline.stages.common import dataset
 from pipeline.train import common
 from pipeline.train.cam import backbone_source
 
@@ -82,7 +81,8 @@ def _pair_labels(relations: torch.Tensor, radius: int) -> tuple[torch.Tensor, to
     return tuple(torch.stack([labels[k] for labels in per_image]).float() for k in range(3))
 
 
-def _mean_displacement(model: torch.nn.Module, shard, device: torch.device, batch_size: int) -> torch.Tensor:
+def _mean_displacement(model: torch.nn.Module, shard, device: torch.device, batch_size: int,
+                       bf16: bool) -> torch.Tensor:
     """Mean raw displacement [2] over this worker's images, averaged over workers."""
     import torch.distributed as dist
 
@@ -90,7 +90,7 @@ def _mean_displacement(model: torch.nn.Module, shard, device: torch.device, batc
     model.train()  # raw output: no mean subtracted (frozen BN makes train/eval identical otherwise)
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            with common.autocast(device):
+            with common.autocast(device, bf16):
                 displacement = model(batch["image"]).displacement.float()
             total += displacement.sum(dim=(0, 2, 3)).double()
             count += displacement.shape[0] * displacement.shape[2] * displacement.shape[3]
@@ -118,26 +118,27 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         bg, fg, neg = _pair_labels(batch["relation"], radius)
-        with common.autocast(batch["image"].device):
+        with common.autocast(batch["image"].device, config["bf16"]):
             out = net(batch["image"])
         return irn_losses(out.boundary_logits.float(), out.displacement.float(), bg, fg, neg, radius=radius)["total"]
 
     def finish(net: torch.nn.Module) -> dict[str, Any]:
         world = ray.train.get_context().get_world_size()
         mean = _mean_displacement(net, ray.train.get_dataset_shard("mean"), ray.train.torch.get_device(),
-                                  max(1, config["batch_size"] // world))
+                                  max(1, config["batch_size"] // world), config["bf16"])
         common.unwrap(net).set_mean_displacement(mean)
         return {"mean_displacement": mean.tolist()}
 
     return common.fit_epochs("train_irn", model, optimizer, config, loss_fn, finish)
 
 
-def irn_train_datasets(table: pa.Table, cfg: Config) -> dict:
-    """Ray Datasets 'train' (augmented) and 'mean' (plain) from rows with uri and relation_uri."""
+def irn_train_datasets(table_ref, cfg: Config) -> dict:
+    """Ray Datasets 'train' (augmented) and 'mean' (plain) from a table (uri, relation_uri) made
+    by a planning task."""
     import ray.data
 
     section = cfg.train_irn
-    source = blocks(table.select(["uri", "relation_uri"]))
+    source = dataset(table_ref, 16)
     # 0.25 CPU per decode actor: with the trainer's CPU, both datasets' pools fit on 2 cores.
     kwargs = {"batch_size": 8, "batch_format": "numpy", "num_cpus": 0.25,
               "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=2)}
@@ -151,17 +152,18 @@ def irn_train_datasets(table: pa.Table, cfg: Config) -> dict:
     }
 
 
-def train_irn(cfg: Config, table: pa.Table, *, name: str = "irn") -> dict[str, Any]:
-    """Train on rows (uri, relation_uri) and export ``<root>/models/irn/model.pt``."""
+def train_irn(cfg: Config, table_ref, num_images: int, *, name: str = "irn") -> dict[str, Any]:
+    """Train on the ``num_images`` rows (uri, relation_uri) behind ``table_ref``
+    (plan.irn_training_rows) and export ``<root>/models/irn/model.pt``."""
     section = cfg.train_irn
-    max_step = section.epochs * common.steps_per_epoch(table.num_rows, section.batch_size, section.num_workers)
+    max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers)
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
     loop_config = {**vars(section), "max_step": max_step, "seed": cfg.run.seed,
                    "cam_model_uri": layout.model_file(cfg.run.root, "cam")}
     result = common.run_trainer(
-        train_irn_loop, loop_config, irn_train_datasets(table, cfg), root=cfg.run.root, name=name,
+        train_irn_loop, loop_config, irn_train_datasets(table_ref, cfg), root=cfg.run.root, name=name,
         num_workers=section.num_workers, use_gpu=section.use_gpu,
         cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures)
     return common.export_model(result, layout.model_file(cfg.run.root, "irn"),
-                               {"network": "irn", "config": vars(section), "num_images": table.num_rows})
+                               {"network": "irn", "config": vars(section), "num_images": num_images})

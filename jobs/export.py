@@ -1,0 +1,44 @@
+"""Materialise a labels version as a plain folder:
+``python -m jobs.export --root R [--version V] --format voc|coco --out DIR [--with-images]``.
+
+voc: SegmentationClass/ (palette PNGs), SegmentationObject/ (8-bit instance PNGs),
+ImageSets/Segmentation/all.txt and coco.json; coco: coco.json. ``--with-images`` also copies each
+source image (JPEGImages/ or images/, named ``<image_id><ext>``, the COCO file names then match).
+The version defaults to LATEST. Files are copied by Ray tasks (server-side on S3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from pipeline import ledger
+from pipeline.config import from_dict
+from pipeline.io import layout, storage
+from pipeline.orchestrate import init_ray
+from pipeline.stages.export import FORMATS, export_version
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="run root (local path or s3://...)")
+    p.add_argument("--version", help="labels version (default: LATEST)")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    p.add_argument("--with-images", action="store_true", help="also copy the source images")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    version = args.version or ledger.latest_version(args.root)
+    if version is None:
+        raise SystemExit(f"{args.root}: no published labels version (labels/LATEST is missing)")
+    classes = json.loads(storage.read_text(layout.run_json(args.root)))["manifest"]["classes"]
+    init_ray(from_dict({}))
+    summary = export_version(args.root, version, args.out, fmt=args.format, classes=classes,
+                             with_images=args.with_images)
+    print(f"exported {version}: {summary['images']} images, {summary['annotations']} annotations -> {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

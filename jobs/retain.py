@@ -1,0 +1,34 @@
+"""Delete old labels versions: ``python -m jobs.retain --root R --keep K``.
+
+Keeps the last K published versions (and LATEST); every older or abandoned version directory
+loses the files no kept version's index references (kept versions reference the per-image outputs
+of the versions that made them, which therefore stay). Run it when no job runs in the root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pipeline import ledger
+from pipeline.config import from_dict
+from pipeline.orchestrate import init_ray
+from pipeline.stages.export import retain
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--root", required=True, help="run root (local path or s3://...)")
+    p.add_argument("--keep", type=int, required=True, help="published versions to keep (>= 1)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init_ray(from_dict({}))
+    result = retain(ledger.RunState(args.root), args.root, args.keep)
+    removed = sum(result["removed_files"].values())
+    print(f"kept {', '.join(result['kept'])}; removed {removed} files from {len(result['removed_files'])} "
+          f"older version(s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

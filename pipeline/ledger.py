@@ -1,0 +1,483 @@
+"""The run's bookkeeping, in one place: keys, ``run.json``, labels versions, quarantine, commit rules.
+
+What will tonight's run redo?
+-----------------------------
+Every output row carries the **key** of the inputs it was made from, and an image is *done* for a
+stage when a committed row with the image's current key exists (a columnar anti-join on
+``image_id`` + key, see :func:`plan_cams` and :func:`plan_synthesis`; it runs in a Ray task, not on
+the driver). The keys, and so what changes them:
+
+=========== ================================================================ ========================
+key         made from                                                        recorded in
+=========== ================================================================ ========================
+train_cam   ``train_cam`` settings, classes                                  run.json stages
+cams        hash of the CAM model file (or the ``cams.source``), classes,    run.json stages
+            ``cams``/``relations`` settings, ``data.max_pixels``
+train_irn   ``train_irn`` settings, the cams key                              run.json stages
+synthesis   ``synthesis`` settings, classes, the cams key, hashes of models  run.json labels
+CAM row     H(cams key, the image's class ids)                               ``key`` of CAM rows
+label row   H(synthesis key, CAM row key)                                    ``key`` of label rows
+=========== ================================================================ ========================
+
+So a nightly run (``run.retrain: auto``):
+
+* retrains a network only when its key changed, its model is missing, or a run died mid-training
+  (it then resumes from the checkpoint);
+* computes CAMs and relations for manifest rows without a CAM row of their current key: new
+  images, images whose tags changed, every image after the CAM model or its settings changed
+  (old CAM outputs are then discarded). An image quarantined by the CAM stage is retried only when
+  its uri or key changed;
+* labels, into a new version V, the images without a label row of their current key in the latest
+  version; every other image's row is carried into V's index as a *reference* to the version that
+  labelled it (its PNGs and instance rows are never copied or rewritten). An image the manifest no
+  longer lists leaves the index. A synthesis failure is retried when its uri or key changed;
+* writes ``labels/V/index.parquet`` and ``coco.json``, records V in run.json, and only then points
+  ``labels/LATEST`` at V. With nothing to label and nothing removed, no version is made.
+
+A run that died resumes: finished shards are done rows, and an unpublished version V whose
+synthesis key still holds is completed rather than restarted.
+
+Commit rules (every file is written atomically: temporary name + rename, or one PUT):
+
+* CAM stage: the relation PNG, then the image's row in a CAM shard (the row commits the image);
+* synthesis: the PNGs, then the batch's ``instances/`` shard and its COCO part, then its
+  ``images/`` shard, whose rows name the instance shard they belong to (an ``images/`` row commits
+  the image; instance rows count only through it);
+* a labels version: ``index.parquet``, ``coco.json``, the run.json record, then ``LATEST``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.io import codecs, layout, storage
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------- keys
+
+# Settings that change how a stage runs, not what it computes: left out of the keys, so moving a
+# run root to GPUs or changing parallelism does not redo finished work.
+EXECUTION_ONLY = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "num_actors", "cpus_per_actor",
+                  "gpus_per_actor", "cpus_per_task", "max_tasks", "keep_high_res", "bf16", "batch_size"}
+
+
+def fingerprint(values: Any) -> str:
+    """Stable short hash of the inputs that determine an output."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings(section: Any, *, training: bool = False) -> dict[str, Any]:
+    """The fields of a config section that determine its outputs. ``batch_size`` matters only to
+    training (it changes the optimisation), never to inference."""
+    drop = EXECUTION_ONLY - ({"batch_size"} if training else set())
+    return {k: v for k, v in vars(section).items() if k not in drop}
+
+
+def file_fingerprint(uri: str) -> str:
+    """Content hash of a (model) file, so retraining invalidates what was computed from it."""
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+
+
+def train_cam_key(cfg, classes: list[str]) -> str:
+    return fingerprint({"train_cam": settings(cfg.train_cam, training=True), "classes": classes})
+
+
+def cams_key(cfg, classes: list[str], cam_model: str) -> str:
+    """``cam_model``: :func:`file_fingerprint` of the CAM network the CAMs come from."""
+    return fingerprint({"model": cam_model, "classes": classes, "cams": settings(cfg.cams),
+                        "relations": settings(cfg.relations), "max_pixels": cfg.data.max_pixels})
+
+
+def train_irn_key(cfg, cams: str | None) -> str:
+    return fingerprint({"train_irn": settings(cfg.train_irn, training=True), "cams": cams})
+
+
+def synthesis_key(cfg, classes: list[str], cams: str | None, models: list[str], method: str | None = None) -> str:
+    """``models``: file fingerprints of the networks ``method`` uses (CAM, and IRNet unless 'cam')."""
+    method = method or cfg.synthesis.method
+    return fingerprint({"synthesis": {**settings(cfg.synthesis), "method": method}, "classes": classes,
+                        "cams": cams, "pad_to": cfg.train_irn.crop_size, "models": models})
+
+
+def _key(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def row_keys(stage_key: str, class_ids: list[list[int]]) -> pa.Array:
+    """CAM row keys: H(stage key, class ids), one per image."""
+    return pa.array([_key(f"{stage_key}|{','.join(str(int(c)) for c in ids)}") for ids in class_ids], pa.string())
+
+
+def label_keys(synthesis_key: str, cam_keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Label row keys: H(synthesis key, CAM row key)."""
+    return pa.array([_key(f"{synthesis_key}|{k}") for k in cam_keys.to_pylist()], pa.string())
+
+
+# ------------------------------------------------------------------------------------ run.json
+
+PACKAGES = ("torch", "torchvision", "ray", "numpy", "pyarrow", "fsspec", "pillow", "pydensecrf2", "pycocotools")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    from pipeline import __version__
+
+    versions["irn-ray"] = __version__
+    return versions
+
+
+def to_json_safe(value: Any) -> Any:
+    """NaN/inf -> None, tuples -> lists, numpy scalars -> Python, recursively (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunState:
+    """``<root>/run.json``: config, package versions, per-stage status and keys, labels versions.
+
+    Every change is written at once (atomically), so an interrupted run leaves an accurate record
+    that the next run resumes from.
+    """
+
+    def __init__(self, root: str):
+        self.uri = layout.run_json(root)
+        self.data: dict[str, Any] = (json.loads(storage.read_text(self.uri)) if storage.exists(self.uri)
+                                     else {"stages": {}, "labels": {"versions": {}, "pending": None}})
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(name, {})
+
+    def update_stage(self, name: str, **fields: Any) -> None:
+        self.stage(name).update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.save()
+
+    @property
+    def labels(self) -> dict[str, Any]:
+        return self.data["labels"]
+
+    def save(self) -> None:
+        storage.write_text(self.uri, json.dumps(to_json_safe(self.data), indent=2, sort_keys=True))
+
+
+def needs_training(state: RunState, network: str, key: str, *, policy: str, forced: bool,
+                   model_exists: bool) -> tuple[bool, bool]:
+    """(train?, resume the interrupted Ray Train run?) for ``network`` by ``run.retrain``."""
+    stage = state.stage(f"train_{network}")
+    interrupted = stage.get("trained") is False  # a previous attempt died: finish it first
+    needed = (forced or not model_exists or interrupted or policy == "always"
+              or (policy == "auto" and stage.get("key") != key))
+    resume = needed and interrupted and stage.get("key") == key and bool(stage.get("run_name"))
+    return needed, resume
+
+
+def claim_stage_outputs(state: RunState, stage: str, key: str, directories: list[str]) -> None:
+    """Make ``directories`` hold outputs of ``key`` only: when the stage's key changed, its old
+    outputs can never be done again, so they are removed (their rows would be skipped anyway)."""
+    previous = state.stage(stage).get("key")
+    if previous is not None and previous != key:
+        log.warning("inputs of stage %s changed; discarding its previous outputs", stage)
+        for directory in directories:
+            storage.remove(directory, recursive=True)
+    if previous != key:
+        state.update_stage(stage, key=key)
+
+
+# ------------------------------------------------------------------------------ labels versions
+
+
+def latest_version(root: str) -> str | None:
+    pointer = layout.latest_pointer(root)
+    return storage.read_text(pointer).strip() if storage.exists(pointer) else None
+
+
+def begin_version(state: RunState, root: str, key: str, *, forced: bool) -> dict[str, Any]:
+    """The labels version this run writes: the unpublished one an interrupted run left (same key)
+    or a new one based on LATEST. Returns the pending record {name, key, base, resumed}."""
+    labels, latest = state.labels, latest_version(root)
+    pending = labels.get("pending")
+    if pending and pending["name"] == latest:  # published; the run stopped before it said so
+        pending = None
+    if pending and pending["key"] == key and not forced:
+        return {**pending, "resumed": True}
+    base = None if forced else latest
+    return {"name": time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime()), "key": key, "base": base, "resumed": False}
+
+
+def record_pending(state: RunState, pending: dict[str, Any] | None) -> None:
+    state.labels["pending"] = None if pending is None else {k: pending[k] for k in ("name", "key", "base")}
+    state.save()
+
+
+def publish_version(state: RunState, root: str, version: str, summary: dict[str, Any]) -> None:
+    """V is complete (index and coco.json written): record it, then point LATEST at it.
+
+    A run that stops between the two still lists V as pending; the next run sees LATEST names it
+    and never resumes (rewrites) a published version.
+    """
+    pending = state.labels.get("pending") or {}
+    state.labels["versions"][version] = {"key": pending.get("key"), "base": pending.get("base"),
+                                         "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                         **summary}
+    state.save()
+    storage.write_text(layout.latest_pointer(root), version + "\n")
+    state.labels["pending"] = None
+    state.save()
+
+
+# ---------------------------------------------------------------------------------- quarantine
+
+QUARANTINE_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
+                               ("reason", pa.string()), ("key", pa.string())])
+
+
+def write_quarantine(root: str, stage: str, records: list[dict[str, str]]) -> None:
+    """Quarantine rows (image_id, uri, reason, key) of ``stage`` as one atomic shard."""
+    if not records:
+        return
+    name = layout.part_name([r["image_id"] + "\0" + r["reason"] + "\0" + (r.get("key") or "") for r in records],
+                            prefix=stage)
+    rows = [{"image_id": r["image_id"], "uri": r["uri"], "stage": stage, "reason": r["reason"],
+             "key": r.get("key")} for r in records]
+    codecs.write_parquet(storage.join(layout.quarantine_dir(root), name),
+                         pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA))
+
+
+def quarantined(root: str, stage: str, columns: tuple[str, ...] = ("image_id", "uri", "key")) -> pa.Table:
+    """``columns`` of the quarantine rows ``stage`` wrote in this run root (a log: a row counts
+    while the image's key and uri are the ones it records)."""
+    uris = [u for u in storage.list_files(layout.quarantine_dir(root), ".parquet")
+            if u.rsplit("/", 1)[-1].startswith(f"{stage}-")]
+    return read_shards(uris, list(columns))
+
+
+def version_quarantine(manifest_rejects: pa.Table, images: pa.Table, cams_failed: pa.Table, current: pa.Table,
+                       synthesis_key: str, synthesis_failed: pa.Table) -> pa.Table:
+    """Why the manifest's images that a version lacks are missing: the manifest's own rejects,
+    and the CAM and synthesis failures of the images' current keys and uris (QUARANTINE_SCHEMA)."""
+    columns = ["image_id", "uri", "stage", "reason", "key"]
+    cams = join_rows(images.select(["image_id", "cam_key", "uri"]).rename_columns(["image_id", "key", "uri"]),
+                     cams_failed, ["image_id", "key", "uri"], "inner", extra=["stage", "reason"])
+    labels = pa.table({"image_id": current.column("image_id"), "uri": current.column("uri"),
+                       "key": label_keys(synthesis_key, current.column("cam_key"))})
+    synthesis = join_rows(labels, synthesis_failed, ["image_id", "key", "uri"], "inner", extra=["stage", "reason"])
+    parts = [t.select(columns).cast(QUARANTINE_SCHEMA) for t in (manifest_rejects, cams, synthesis)]
+    return pa.concat_tables(parts).sort_by([("image_id", "ascending"), ("stage", "ascending")])
+
+
+def read_quarantine(labels_dir: str) -> pa.Table:
+    """The images of a version's manifest that it lacks, with the reason (``quarantine.parquet``)."""
+    uri = storage.join(labels_dir, "quarantine.parquet")
+    return codecs.read_parquet(uri) if storage.exists(uri) else QUARANTINE_SCHEMA.empty_table()
+
+
+# ---------------------------------------------------------------------------------- shard reads
+
+
+def read_shards(uris: list[str], columns: list[str], *, shard_column: str | None = None) -> pa.Table:
+    """``columns`` of many Parquet shards as one table (range reads, 16 at a time).
+
+    Columns a shard lacks (written before they existed) are null. With ``shard_column``, each row
+    also gets the file name of its shard.
+    """
+    def one(uri: str) -> pa.Table:
+        table = codecs.read_parquet_columns(uri, columns, missing_ok=True)
+        for column in columns:
+            if column not in table.column_names:
+                table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
+        table = table.select(columns)
+        if shard_column:
+            table = table.append_column(shard_column, pa.array([uri.rsplit("/", 1)[-1]] * table.num_rows, pa.string()))
+        return table
+
+    with ThreadPoolExecutor(16) as pool:
+        tables = list(pool.map(one, uris))
+    if not tables:
+        names = columns + ([shard_column] if shard_column else [])
+        return pa.table({c: pa.array([], pa.string()) for c in names})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def join_rows(left: pa.Table, right: pa.Table, keys: list[str], how: str, extra: list[str] = ()) -> pa.Table:
+    """Rows of ``left`` that have ("left semi", "inner") or lack ("left anti") a row of ``right``
+    with equal ``keys``, in ``left``'s order; "inner" also appends ``right``'s ``extra`` columns
+    (from one matching row). Any column types (Arrow's join takes no list payloads)."""
+    if left.num_rows == 0:
+        return left if how != "inner" else _with_columns(left, {c: pa.array([], pa.string()) for c in extra})
+    index = pa.table({**{k: left.column(k) for k in keys}, "__row": pa.array(np.arange(left.num_rows))})
+    side = right.select(list(keys) + list(extra))
+    if how == "inner" and extra:  # one row per key, so no left row is repeated
+        side = side.group_by(list(keys)).aggregate([(c, "max") for c in extra]).rename_columns(
+            list(keys) + list(extra))
+    else:
+        side = side.select(list(keys)).group_by(list(keys)).aggregate([])
+    joined = index.join(side, keys=list(keys), join_type="left semi" if how == "inner" and not extra else how)
+    joined = joined.sort_by("__row")
+    rows = left.take(joined.column("__row"))
+    return _with_columns(rows, {c: joined.column(c) for c in extra}) if how == "inner" else rows
+
+
+def _with_columns(table: pa.Table, columns: dict[str, Any]) -> pa.Table:
+    for name, values in columns.items():
+        table = table.append_column(name, values)
+    return table
+
+
+# ----------------------------------------------------------------------------------------- plans
+# The "done" rules as Arrow computations over key columns. They run inside a Ray task
+# (pipeline.stages.plan), so the driver never holds the set's ids; only counts come back.
+
+
+def manifest_keys(manifest: pa.Table, classes: list[str], cams_key: str) -> pa.Table:
+    """(image_id, uri, class_ids, cam_key, split) of validated manifest rows."""
+    index = {name: i + 1 for i, name in enumerate(classes)}
+    class_ids = [sorted(index[n] for n in labels) for labels in manifest.column("labels").to_pylist()]
+    return pa.table({"image_id": manifest.column("image_id"), "uri": manifest.column("uri"),
+                     "class_ids": pa.array(class_ids, pa.list_(pa.int32())),
+                     "cam_key": row_keys(cams_key, class_ids), "split": manifest.column("split")})
+
+
+def plan_cams(images: pa.Table, cam_rows: pa.Table, failed: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """Images whose CAM outputs are missing: no CAM row of their key, and no quarantine row of
+    their key and uri (a failure is retried when the manifest moves the file or changes its tags).
+
+    images: :func:`manifest_keys`; cam_rows: (image_id, key); failed: (image_id, uri, key).
+    Returns (pending rows of ``images``, counts: images, skipped (done or failed before), pending).
+    """
+    done = cam_rows.rename_columns(["image_id", "cam_key"])
+    todo = join_rows(images, done, ["image_id", "cam_key"], "left anti")
+    failed = failed.select(["image_id", "key", "uri"]).rename_columns(["image_id", "cam_key", "uri"])
+    pending = join_rows(todo, failed, ["image_id", "cam_key", "uri"], "left anti")
+    return pending, {"images": images.num_rows, "skipped": images.num_rows - pending.num_rows,
+                     "pending": pending.num_rows}
+
+
+def current_cams(images: pa.Table, cam_rows: pa.Table) -> pa.Table:
+    """``images`` that have a CAM row of their key, with the file name of its shard (``cam_shard``).
+
+    cam_rows: (image_id, key, shard)."""
+    done = cam_rows.select(["image_id", "key", "shard"]).rename_columns(["image_id", "cam_key", "cam_shard"])
+    return join_rows(images, done, ["image_id", "cam_key"], "inner", extra=["cam_shard"])
+
+
+def plan_synthesis(current: pa.Table, synthesis_key: str, base_index: pa.Table, labelled: pa.Table,
+                   failed: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """What a labels version needs: (reused index rows, pending images, counts).
+
+    current: :func:`current_cams`; base_index: the index of the version this one builds on (or
+    empty); labelled: (image_id, key) rows this version already committed; failed: synthesis
+    quarantine (image_id, uri, key). An image is reused when the base has a row of its label key,
+    skipped when this version has one or it failed with its key and uri, else pending.
+    """
+    current = current.append_column("label_key", label_keys(synthesis_key, current.column("cam_key")))
+    wanted = pa.table({"image_id": current.column("image_id"), "key": current.column("label_key")})
+    reused = join_rows(base_index, wanted, ["image_id", "key"], "left semi")
+    todo = join_rows(current, reused.select(["image_id", "key"]).rename_columns(["image_id", "label_key"]),
+                     ["image_id", "label_key"], "left anti")
+    done = labelled.select(["image_id", "key"]).rename_columns(["image_id", "label_key"])
+    todo_new = join_rows(todo, done, ["image_id", "label_key"], "left anti")
+    failed = failed.select(["image_id", "key", "uri"]).rename_columns(["image_id", "label_key", "uri"])
+    pending = join_rows(todo_new, failed, ["image_id", "label_key", "uri"], "left anti")
+    counts = {"images": current.num_rows, "reused": reused.num_rows, "skipped": todo.num_rows - pending.num_rows,
+              "pending": pending.num_rows}
+    return reused, pending, counts
+
+
+def relative_to_sibling(uris: pa.Array, version: str) -> pa.Array:
+    """URIs relative to ``labels/<version>/`` rewritten relative to a sibling version directory
+    (``semantic/x.png`` -> ``../<version>/semantic/x.png``; ``../v0/...`` stays)."""
+    values = uris.to_pylist()
+    return pa.array([u if u.startswith("../") else f"../{version}/{u}" for u in values], pa.string())
+
+
+def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, current: pa.Table,
+                  synthesis_key: str) -> pa.Table:
+    """The index of a version: the reused rows (re-pointed at ``base``) and the rows it labelled
+    itself that are still current, one per image (the last committed wins), sorted by image_id."""
+    if base is not None and reused.num_rows:
+        for column in URI_COLUMNS:
+            reused = reused.set_column(reused.schema.get_field_index(column), column,
+                                       relative_to_sibling(reused.column(column), base))
+    keys = current.select(["image_id", "cam_key"])
+    keys = keys.append_column("key", label_keys(synthesis_key, keys.column("cam_key"))).select(["image_id", "key"])
+    own = join_rows(labelled, keys, ["image_id", "key"], "left semi")
+    if own.num_rows:  # a batch retried after a lost result may have committed an image twice
+        last = pa.table({"image_id": own.column("image_id"), "__row": pa.array(np.arange(own.num_rows))})
+        own = own.take(last.group_by("image_id").aggregate([("__row", "max")]).column("__row_max"))
+    table = pa.concat_tables([reused.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA),
+                              own.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)])
+    return table.sort_by("image_id")
+
+
+# ------------------------------------------------------------------------------ labels schemas
+
+URI_COLUMNS = ("semantic_uri", "instance_uri", "instances_uri")
+# One row per labelled image; in a version's images/ shards (commit records of the images it
+# labelled) and in its index.parquet (every image of the version). URIs are relative to the
+# version's directory, and may point into an earlier version (../<V>/...).
+INDEX_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("key", pa.string()), ("uri", pa.string()), ("height", pa.int32()),
+    ("width", pa.int32()), ("class_ids", pa.list_(pa.int32())), ("num_instances", pa.int32()),
+    ("semantic_uri", pa.string()), ("instance_uri", pa.string()), ("instances_uri", pa.string()),
+    ("fg_fraction", pa.float32()), ("cam_fraction", pa.float32()),
+])
+INSTANCE_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("instance_id", pa.int32()), ("class_id", pa.int32()),
+    ("score", pa.float32()), ("area", pa.int64()), ("bbox", pa.list_(pa.float32(), 4)),
+    ("rle_counts", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
+])
+
+
+def commit_labels(labels_dir: str, images: list[dict[str, Any]], instances: list[dict[str, Any]],
+                  coco_part: bytes) -> None:
+    """Commit a batch of labelled images whose PNGs are written: the instance rows and their COCO
+    part (pipeline.stages.coco) first, then the images rows, which name that instance shard and
+    make the images count."""
+    if not images:
+        return
+    name = layout.part_name([r["image_id"] + "\0" + r["key"] for r in images])
+    for row in images:
+        row["instances_uri"] = f"instances/{name}"
+    instances_dir = storage.join(labels_dir, "instances")
+    codecs.write_parquet(storage.join(instances_dir, name), pa.Table.from_pylist(instances, schema=INSTANCE_SCHEMA))
+    storage.write_bytes(storage.join(instances_dir, name.removesuffix(".parquet") + ".coco.tsv"), coco_part)
+    codecs.write_parquet(storage.join(labels_dir, "images", name), pa.Table.from_pylist(images, schema=INDEX_SCHEMA))
+
+
+def labelled_rows(labels_dir: str) -> pa.Table:
+    """The committed images rows of a version directory (the images it labelled itself)."""
+    uris = storage.list_files(storage.join(labels_dir, "images"), ".parquet")
+    if not uris:
+        return INDEX_SCHEMA.empty_table()
+    return pa.concat_tables([codecs.read_parquet(u).cast(INDEX_SCHEMA) for u in uris])
+
+
+def read_index(labels_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """A published version's index (or an empty one when the directory has none)."""
+    uri = layout.index_file(labels_dir)
+    if not storage.exists(uri):
+        return INDEX_SCHEMA.empty_table() if columns is None else INDEX_SCHEMA.empty_table().select(columns)
+    return codecs.read_parquet(uri) if columns is None else codecs.read_parquet_columns(uri, columns)

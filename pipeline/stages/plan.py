@@ -1,0 +1,140 @@
+"""Planning tasks: each reads key columns of the run root and applies a rule of ``pipeline.ledger``.
+
+They run as Ray tasks (``common.run_task``): the manifest and the done sets are read and joined
+there, in Arrow, and only the pending rows (as an object reference) and counts reach the driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import ledger
+from pipeline.io import codecs, layout, storage
+
+MANIFEST_COLUMNS = ["image_id", "uri", "labels", "split", "gt_semantic_uri", "gt_instance_uri",
+                    "gt_instance_classes", "held_out"]
+
+
+def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The valid rows of a run's manifest (``manifest/<stamp>/valid/``)."""
+    uris = storage.list_files(storage.join(manifest_dir, "valid"), ".parquet")
+    return ledger.read_shards(uris, columns or MANIFEST_COLUMNS) if uris else pa.table(
+        {c: pa.array([], pa.string()) for c in columns or MANIFEST_COLUMNS})
+
+
+def _images(manifest_dir: str, classes: list[str], cams_key: str, *, ground_truth_only: bool = False) -> pa.Table:
+    manifest = read_manifest(manifest_dir)
+    if ground_truth_only:
+        has_gt = pc.or_(pc.not_equal(pc.fill_null(manifest.column("gt_semantic_uri"), ""), ""),
+                        pc.not_equal(pc.fill_null(manifest.column("gt_instance_uri"), ""), ""))
+        manifest = manifest.filter(has_gt)
+    images = ledger.manifest_keys(manifest, classes, cams_key)
+    return images.append_column("held_out", manifest.column("held_out"))
+
+
+def _cam_rows(root: str) -> pa.Table:
+    return ledger.read_shards(storage.list_files(layout.cams_dir(root), ".parquet"), ["image_id", "key"],
+                              shard_column="shard")
+
+
+def cams_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str) -> tuple[pa.Table, dict[str, int]]:
+    """Manifest rows whose CAM outputs are still to be made (ledger.plan_cams)."""
+    images = _images(manifest_dir, classes, cams_key)
+    pending, counts = ledger.plan_cams(images, _cam_rows(root).select(["image_id", "key"]),
+                                       ledger.quarantined(root, "cams"))
+    return pending.select(["image_id", "uri", "class_ids", "cam_key"]), counts
+
+
+def cam_training_rows(manifest_dir: str, classes: list[str]) -> tuple[pa.Table, int]:
+    """(uri, target multi-hot) of the images the CAM network trains on (all but the held-out)."""
+    manifest = read_manifest(manifest_dir, ["uri", "labels", "held_out"])
+    manifest = manifest.filter(pc.invert(manifest.column("held_out")))
+    index = {name: i for i, name in enumerate(classes)}
+    targets = np.zeros((manifest.num_rows, len(classes)), np.float32)
+    for row, labels in enumerate(manifest.column("labels").to_pylist()):
+        targets[row, [index[n] for n in labels]] = 1.0
+    table = pa.table({"uri": manifest.column("uri"),
+                      "target": pa.array(list(targets), pa.list_(pa.float32()))})
+    return table, table.num_rows
+
+
+def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str) -> tuple[pa.Table, int]:
+    """(uri, relation_uri) of the images IRNet trains on: not held out, with a current CAM row."""
+    current = ledger.current_cams(_images(manifest_dir, classes, cams_key), _cam_rows(root))
+    current = current.filter(pc.invert(current.column("held_out")))
+    relations = pa.array([layout.relation_png(root, i) for i in current.column("image_id").to_pylist()], pa.string())
+    table = pa.table({"uri": current.column("uri"), "relation_uri": relations})
+    return table, table.num_rows
+
+
+def _synthesis_inputs(root: str, manifest_dir: str, classes: list[str], cams_key: str, labels_dir: str,
+                      base_dir: str | None, stage: str, ground_truth_only: bool):
+    current = ledger.current_cams(_images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only),
+                                  _cam_rows(root))
+    base_index = ledger.read_index(base_dir) if base_dir else ledger.INDEX_SCHEMA.empty_table()
+    return current, base_index, ledger.labelled_rows(labels_dir), ledger.quarantined(root, stage)
+
+
+def synthesis_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str, synthesis_key: str,
+                   labels_dir: str, base_dir: str | None, *, stage: str = "synthesis",
+                   ground_truth_only: bool = False) -> tuple[pa.Table, dict[str, int]]:
+    """Images to label into ``labels_dir``, one row per CAM shard that holds them:
+    (cam_shard, image_ids, uris, label_keys), and counts (ledger.plan_synthesis)."""
+    current, base_index, labelled, failed = _synthesis_inputs(root, manifest_dir, classes, cams_key, labels_dir,
+                                                              base_dir, stage, ground_truth_only)
+    reused, pending, counts = ledger.plan_synthesis(current, synthesis_key, base_index, labelled, failed)
+    base_rows = base_index.num_rows
+    counts["removed"] = base_rows - reused.num_rows  # base rows no longer current (relabelled or gone)
+    grouped = pending.select(["cam_shard", "image_id", "uri", "label_key"]).group_by("cam_shard").aggregate(
+        [("image_id", "list"), ("uri", "list"), ("label_key", "list")])
+    grouped = grouped.rename_columns(["cam_shard", "image_ids", "uris", "label_keys"]).sort_by("cam_shard")
+    return grouped, counts
+
+
+def build_index(root: str, manifest_dir: str, classes: list[str], cams_key: str, synthesis_key: str,
+                labels_dir: str, base: str | None, base_dir: str | None, *, stage: str = "synthesis",
+                ground_truth_only: bool = False) -> dict[str, Any]:
+    """Write ``labels_dir/index.parquet`` (ledger.version_index); returns the version's summary."""
+    current, base_index, labelled, failed = _synthesis_inputs(root, manifest_dir, classes, cams_key, labels_dir,
+                                                              base_dir, stage, ground_truth_only)
+    reused, pending, _ = ledger.plan_synthesis(current, synthesis_key, base_index, labelled, failed)
+    if pending.num_rows:
+        raise RuntimeError(f"{labels_dir}: {pending.num_rows} images are still to be labelled; "
+                           "run the synthesis stage first")
+    index = ledger.version_index(reused, base, labelled, current, synthesis_key)
+    codecs.write_parquet(layout.index_file(labels_dir), index)
+    detail = ("image_id", "uri", "key", "stage", "reason")
+    rejects = manifest_rejects(root) if not ground_truth_only else ledger.QUARANTINE_SCHEMA.empty_table()
+    images = _images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
+    missing = ledger.version_quarantine(rejects, images, ledger.quarantined(root, "cams", detail), current,
+                                        synthesis_key, ledger.quarantined(root, stage, detail))
+    codecs.write_parquet(storage.join(labels_dir, "quarantine.parquet"), missing)
+    return {**index_summary(index, classes), "quarantined": missing.num_rows}
+
+
+def manifest_rejects(root: str) -> pa.Table:
+    """The rows the manifest stage of the latest run rejected (quarantine/manifest.parquet)."""
+    uri = storage.join(layout.quarantine_dir(root), "manifest.parquet")
+    return codecs.read_parquet(uri) if storage.exists(uri) else ledger.QUARANTINE_SCHEMA.empty_table()
+
+
+def index_summary(index: pa.Table, classes: list[str]) -> dict[str, Any]:
+    """Counts and label-health figures of a version's index (small; kept in run.json)."""
+    images = index.num_rows
+    instances = int(pc.sum(index.column("num_instances")).as_py() or 0)
+    flat = pc.list_flatten(index.column("class_ids"))
+    per_class = {classes[int(v["values"]) - 1]: int(v["counts"]) for v in pc.value_counts(flat).to_pylist()
+                 if 1 <= int(v["values"]) <= len(classes)} if len(flat) else {}
+    fg = index.column("fg_fraction").to_numpy(zero_copy_only=False) if images else np.zeros(0)
+    cam = index.column("cam_fraction").to_numpy(zero_copy_only=False) if images else np.zeros(0)
+    health = {
+        "all_background": float(np.mean(fg == 0)) if images else None,
+        "foreground_fraction": float(np.mean(fg)) if images else None,
+        "cam_fraction": float(np.mean(cam)) if images else None,
+        "instances_per_image": instances / images if images else None,
+    }
+    return {"images": images, "instances": instances, "images_per_class": per_class, "health": health}
