@@ -79,10 +79,10 @@ def write_manifest(path: str, records: list[dict]) -> None:
 
 def config_args(manifest: str, root: str) -> list[str]:
     sets = [f"data.manifest={manifest}", f"run.root={root}", f"data.classes=[{', '.join(CLASSES)}]",
-            "ray.num_cpus=2", "train_cam.depth=18", "train_cam.backbone_init=none", "train_irn.depth=18",
+            "ray.num_cpus=2", "train_cam.depth=18", "train_cam.backbone_init=none", "train_irn.depth=18", "train_irn.backbone_init=cam",
             "train_irn.crop_size=64", "cams.scales=[1.0]", "cams.cpus_per_actor=0.5", "relations.cpus_per_task=0.5",
             "synthesis.cpus_per_actor=0.5", "synthesis.cpus_per_task=0.5", "synthesis.steps=32",
-            "eval.num_previews=2", "run.retrain=never", "run.progress_seconds=30"]
+            "eval.num_previews=2", "run.retrain=never", "run.progress_seconds=30", "run.min_cam_map=0"]
     return sum((["--set", s] for s in sets), [])
 
 

@@ -37,7 +37,7 @@ from pipeline.algorithms.losses import irn_losses  # noqa: E402
 from pipeline.algorithms.pairs import relation_pair_labels  # noqa: E402
 from pipeline.models import build_cam_net  # noqa: E402
 from pipeline.models.irnet import build_irnet  # noqa: E402
-from pipeline.train.common import make_sgd  # noqa: E402
+from pipeline.train.common import make_optimizer  # noqa: E402
 
 NUM_CLASSES, RADIUS, LR, WEIGHT_DECAY = 20, 10, 0.1, 1e-4
 GPU_BATCH = {"cam": 16, "irn": 32}
@@ -63,7 +63,7 @@ def make_step(network: str, *, batch: int, crop: int, depth: int, device: torch.
     else:
         model = build_irnet(depth=depth, backbone_init="none")
     first, second = model.parameter_groups()
-    optimizer = make_sgd([(first, LR), (second, 10 * LR)], WEIGHT_DECAY)
+    optimizer = make_optimizer([(first, LR), (second, 10 * LR)], WEIGHT_DECAY)
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
     images = torch.randn(batch, 3, crop, crop, generator=gen).to(device).contiguous(memory_format=memory_format)

@@ -7,10 +7,11 @@ outputs are current; ``--from-stage S`` reruns S and everything after it, ``--on
 from __future__ import annotations
 
 import json
+import logging
 
 from jobs import _cli
 from pipeline.io import layout, storage
-from pipeline.orchestrate import STAGES, run_label
+from pipeline.orchestrate import STAGES, QualityGateError, run_label
 from pipeline.stages.evaluate import metrics_uri
 
 
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", choices=STAGES, action="append", help="run only this stage (repeatable)")
     args = p.parse_args(argv)
     cfg = _cli.load(args)
-    state = run_label(cfg, from_stage=args.from_stage, only=args.only)
+    try:
+        state = run_label(cfg, from_stage=args.from_stage, only=args.only)
+    except QualityGateError as err:
+        logging.getLogger("irn-ray").error("%s", err)
+        raise SystemExit(3) from None
     root = cfg.run.root
     print(f"labels: {layout.labels_dir(root, state['last_run']['labels_version'] or '-')}")
     print(f"report: {storage.join(layout.report_dir(root), 'index.html')}")
@@ -30,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
             aps = "  ".join(f"AP{int(float(t) * 100)} {v:.3f}" for t, v in result["ap"].items() if v is not None)
             miou = f"{result['miou']:.3f}" if result["miou"] is not None else "-"
             print(f"{method:>13}: mIoU {miou}  {aps}")
-        if metrics.get("cam_classification"):
+        if (metrics.get("cam_classification") or {}).get("images"):
             cls = metrics["cam_classification"]
             print(f"CAM classifier mAP on {cls['images']} held-out images: {cls['map']:.3f} (chance {cls['chance']:.3f})")
     print(f"wall time: {state['last_run']['seconds']:.0f} s")

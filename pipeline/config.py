@@ -33,6 +33,9 @@ class DataConfig:
     manifest: str = ""  # Parquet / CSV / JSON Lines manifest URI (DESIGN §3)
     classes: list[str] = field(default_factory=list)  # empty: sorted union of the manifest labels
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression-bomb guard)
+    # Held out from training to measure the CAM classifier: rows with split 'val'; when no row
+    # has one, this share of the images, chosen by a hash of image_id.
+    held_out_fraction: float = 0.1
 
 
 @dataclass
@@ -45,6 +48,9 @@ class RunConfig:
     shard_rows: int = 2000  # images per Parquet shard (CAMs, label rows, instances, quarantine)
     io_cpus: float = 0.25  # CPUs per decode / shard-writing task
     progress_seconds: float = 10.0  # at most one progress line per stage this often
+    # Quality gate: below this held-out mAP of the CAM classifier (or with a final training loss
+    # near chance) the run stops before publishing (exit status 3). 0 turns the gate off.
+    min_cam_map: float = 0.6
 
 
 @dataclass
@@ -62,7 +68,11 @@ class TrainCamConfig:
 
     depth: Literal[18, 34, 50, 101] = 50
     backbone_init: str = "imagenet"  # imagenet | none | a weights file URI
+    use_model: str = ""  # a trained CAM network to use instead of training (irn-ray or official .pth)
     from_scratch: bool = False  # train all layers with updating BatchNorm (no pretrained weights)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's; adamw: training from scratch
+    select_best: bool = False  # score every epoch on the held-out images, export the best one
+    patience: int | None = None  # with select_best: stop after this many epochs without a better one
     batch_size: int = 16
     epochs: int = 5
     max_steps: int | None = None  # cap on optimiser steps (smoke tests); None = epochs decide
@@ -89,6 +99,7 @@ class CamsConfig:
     gpus_per_actor: float = 0.0
     bf16: bool = False  # bf16 autocast in the network actors on GPU (opt-in)
     keep_high_res: bool = False  # also persist full-resolution CAMs
+    source: str = ""  # folder of <image_id>.npz CAMs made by another method; skips CAM training
 
 
 @dataclass
@@ -113,7 +124,8 @@ class TrainIrnConfig:
     """IRNet training (DESIGN §4 "IRNet")."""
 
     depth: Literal[18, 34, 50, 101] = 50
-    backbone_init: str = "cam"  # cam | imagenet | none | a weights file URI
+    backbone_init: str = "imagenet"  # imagenet (the official code) | cam | none | a weights file URI
+    use_model: str = ""  # a trained IRNet to use instead of training (irn-ray or official .pth)
     batch_size: int = 32
     epochs: int = 3
     max_steps: int | None = None
@@ -275,6 +287,9 @@ def _validate(cfg: Config) -> None:
                       ("train_irn.rescale", cfg.train_irn.rescale)):
         if len(pair) != 2 or pair[0] <= 0 or pair[0] > pair[1]:
             raise ConfigError(f"{key}: expected [low, high] with 0 < low <= high, got {pair}")
+    if cfg.train_irn.crop_size % 4:
+        raise ConfigError(f"train_irn.crop_size: must be a multiple of 4 (relation labels are sampled on the "
+                          f"stride-4 grid of the crop), got {cfg.train_irn.crop_size}")
     if not cfg.cams.scales or any(s <= 0 for s in cfg.cams.scales):
         raise ConfigError(f"cams.scales: expected a non-empty list of positive scales, got {cfg.cams.scales}")
     if len(set(cfg.data.classes)) != len(cfg.data.classes):
@@ -282,9 +297,13 @@ def _validate(cfg: Config) -> None:
     for key, value in (("relations.fg_threshold", cfg.relations.fg_threshold),
                        ("relations.bg_threshold", cfg.relations.bg_threshold),
                        ("relations.crf_gt_prob", cfg.relations.crf_gt_prob),
-                       ("synthesis.min_fragment", cfg.synthesis.min_fragment)):
+                       ("synthesis.min_fragment", cfg.synthesis.min_fragment),
+                       ("run.min_cam_map", cfg.run.min_cam_map), ("data.held_out_fraction", cfg.data.held_out_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if cfg.cams.source and cfg.train_irn.backbone_init == "cam":
+        raise ConfigError("train_irn.backbone_init: 'cam' takes the CAM network's backbone, but cams.source "
+                          "replaces the CAM network; use imagenet, none or a weights file URI")
     if not cfg.run.root:
         raise ConfigError("run.root: must name a directory or URI for the outputs")
 
@@ -327,6 +346,9 @@ def resolve_local_paths(cfg: Config) -> Config:
 
     cfg.run.root = absolute(cfg.run.root)
     cfg.data.manifest = absolute(cfg.data.manifest)
+    cfg.train_cam.use_model = absolute(cfg.train_cam.use_model)
+    cfg.cams.source = absolute(cfg.cams.source)
+    cfg.train_irn.use_model = absolute(cfg.train_irn.use_model)
     for section in (cfg.train_cam, cfg.train_irn):
         if section.backbone_init not in ("none", "imagenet", "cam"):
             section.backbone_init = absolute(section.backbone_init)

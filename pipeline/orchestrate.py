@@ -109,6 +109,8 @@ class Run:
 
     # Keys (pipeline.ledger): what each stage's outputs were made from.
     def cams_key(self) -> str:
+        if self.cfg.cams.source:
+            return ledger.cams_key(self.cfg, self.classes, f"source:{self.cfg.cams.source}")
         return ledger.cams_key(self.cfg, self.classes, ledger.file_fingerprint(layout.model_file(self.root, "cam")))
 
     def recorded_cams_key(self) -> str | None:
@@ -116,12 +118,27 @@ class Run:
 
     def synthesis_key(self, method: str | None = None) -> str:
         method = method or self.cfg.synthesis.method
-        models = [ledger.file_fingerprint(layout.model_file(self.root, m)) for m in ("cam", "irn")[:1 + (method != "cam")]]
+        networks = ([] if self.cfg.cams.source else ["cam"]) + ([] if method == "cam" else ["irn"])
+        models = [ledger.file_fingerprint(layout.model_file(self.root, m)) for m in networks]
         return ledger.synthesis_key(self.cfg, self.classes, self.recorded_cams_key(), models, method)
 
 
 def _train_network(run: Run, network: str, key: str, train: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """Retrain by ``run.retrain`` (never / always / auto = when the key changed or no model)."""
+    """Retrain by ``run.retrain`` (never / always / auto = when the key changed or no model), or
+    take the model ``train_<network>.use_model`` names."""
+    from pipeline.train.common import import_model
+
+    section = getattr(run.cfg, f"train_{network}")
+    if section.use_model:
+        key = ledger.fingerprint({"use_model": section.use_model, "file": ledger.file_fingerprint(section.use_model),
+                                  "depth": section.depth, "classes": run.classes})
+        model = layout.model_file(run.root, network)
+        if run.state.stage(f"train_{network}").get("key") == key and storage.exists(model):
+            return {"_skipped": True, "model": model}
+        meta = import_model(section.use_model, model, network, depth=section.depth, num_classes=len(run.classes),
+                            extra={"network": network, "classes": run.classes, "config": vars(section)})
+        run.state.update_stage(f"train_{network}", key=key, trained=True, run_name=None)
+        return {"model": model, "source": meta["source"]}
     needed, resume = ledger.needs_training(run.state, network, key, policy=run.cfg.run.retrain,
                                            forced=f"train_{network}" in run.force,
                                            model_exists=storage.exists(layout.model_file(run.root, network)))
@@ -135,17 +152,83 @@ def _train_network(run: Run, network: str, key: str, train: Callable[[str], dict
     return {"images": meta.get("num_images"), "final_loss": meta.get("metrics", {}).get("loss")}
 
 
+class QualityGateError(RuntimeError):
+    """The CAM network is too weak to label with: the run stops before it publishes anything."""
+
+
 def stage_train_cam(run: Run) -> dict[str, Any]:
+    if run.cfg.cams.source:
+        return {"_skipped": True, "reason": "cams.source gives the CAMs"}
     key = ledger.train_cam_key(run.cfg, run.classes)
 
     def train(name: str) -> dict[str, Any]:
         from pipeline.train.cam import train_cam  # Ray Train is imported only when training
 
-        table_ref, count_ref = common.run_task(plan.cam_training_rows, run.manifest_dir, run.classes, num_returns=2,
-                                               num_cpus=run.cfg.run.io_cpus)
-        return train_cam(run.cfg, table_ref, common.get(count_ref), run.classes, name=name)
+        table_ref, count_ref, chance_ref = common.run_task(plan.cam_training_rows, run.manifest_dir, run.classes,
+                                                           num_returns=3, num_cpus=run.cfg.run.io_cpus)
+        held_out_ref = None
+        if run.cfg.train_cam.select_best:
+            held_out_ref = common.run_task(plan.cam_training_rows, run.manifest_dir, run.classes, held_out=True,
+                                           limit=run.cfg.eval.max_classification_images, num_returns=3,
+                                           num_cpus=run.cfg.run.io_cpus)[0]
+        run.state.update_stage("train_cam", chance_loss=common.get(chance_ref))
+        return train_cam(run.cfg, table_ref, common.get(count_ref), run.classes, name=name, held_out_ref=held_out_ref)
 
-    return _train_network(run, "cam", key, train)
+    counts = _train_network(run, "cam", key, train)
+    quality = held_out_quality(run)
+    if quality:
+        counts["held_out_map"] = quality.get("map")
+    return counts
+
+
+def held_out_quality(run: Run) -> dict[str, Any] | None:
+    """The CAM network's classification mAP on the held-out images (recorded in run.json per
+    model file, so it is measured once per model)."""
+    from pipeline.train.cam import held_out_quality as measure
+
+    model = layout.model_file(run.root, "cam")
+    if not storage.exists(model):
+        return None
+    digest = ledger.file_fingerprint(model)
+    recorded = run.state.stage("train_cam").get("held_out")
+    if recorded and recorded.get("model") == digest:
+        return recorded
+    cfg = run.cfg
+    quality = common.get(common.run_task(measure, run.root, run.manifest_dir, run.classes, size=cfg.train_cam.crop_size,
+                                         max_pixels=cfg.data.max_pixels, max_images=cfg.eval.max_classification_images,
+                                         num_cpus=1))
+    record = {**(quality or {"images": 0}), "model": digest}
+    run.state.update_stage("train_cam", held_out=record)
+    return record
+
+
+def quality_gate(run: Run) -> None:
+    """Stop before anything is published when the CAM network did not learn: its held-out mAP
+    below ``run.min_cam_map``, or its final training loss near the chance loss."""
+    gate = run.cfg.run.min_cam_map
+    stage = run.state.stage("train_cam")
+    if gate <= 0 or run.cfg.cams.source or not stage.get("held_out"):
+        return
+    held_out, problems = stage["held_out"], []
+    if not held_out.get("images"):
+        log.warning("quality gate: no held-out image to measure the CAM network on; not checked")
+        return
+    if held_out["map"] < gate:
+        problems.append(f"the CAM classifier's held-out mAP is {held_out['map']:.3f} on {held_out['images']} images, "
+                        f"below run.min_cam_map {gate:.2f} (chance {held_out['chance']:.3f})")
+    loss, chance = (stage.get("counts") or {}).get("final_loss"), stage.get("chance_loss")
+    if loss is not None and chance and loss > CHANCE_LOSS_SHARE * chance:
+        problems.append(f"its final training loss {loss:.3f} is within {100 - 100 * CHANCE_LOSS_SHARE:.0f}% of "
+                        f"chance ({chance:.3f})")
+    if problems:
+        raise QualityGateError(
+            "quality gate: " + "; ".join(problems) + ". Nothing was published (LATEST is unchanged); what was "
+            "computed is kept. Try: more epochs or images; with no pretrained weights "
+            "train_cam.from_scratch=true with optimizer=adamw and select_best=true; or CAMs from another method "
+            "(cams.source). To label anyway: --set run.min_cam_map=0.")
+
+
+CHANCE_LOSS_SHARE = 0.95  # a final loss above 95% of the chance loss: the network learnt (almost) nothing
 
 
 def stage_cams(run: Run) -> dict[str, Any]:
@@ -207,12 +290,14 @@ def stage_publish(run: Run) -> dict[str, Any]:
         base, layout.labels_dir(run.root, base) if base else None, num_cpus=run.cfg.run.io_cpus))
     coco = common.get(common.run_task(write_coco, labels_dir, run.classes, num_cpus=run.cfg.run.io_cpus))
     summary["instances_per_class"] = coco["annotations_per_category"]
+    for warning in summary["health_warnings"]:
+        log.warning("labels %s: %s", version, warning)
     ledger.publish_version(run.state, run.root, version, summary)
     return {"version": version, "images": summary["images"], "instances": summary["instances"]}
 
 
 def stage_evaluate(run: Run) -> dict[str, Any]:
-    from pipeline.stages.evaluate import cam_classification_map, evaluate_labels, metrics_uri
+    from pipeline.stages.evaluate import evaluate_labels, metrics_uri
     from pipeline.stages.synthesis import run_synthesis
 
     manifest = run.state.data["manifest"]
@@ -238,9 +323,7 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
                                        stage=f"ablation_{method}", ground_truth_only=True, num_cpus=cfg.run.io_cpus))
             result["ablations"][method] = evaluate_labels(cfg, run.manifest_dir, directory, run.classes,
                                                           name=f"evaluate {method}")
-    result["cam_classification"] = common.get(common.run_task(
-        cam_classification_map, run.root, run.manifest_dir, run.classes,
-        max_images=cfg.eval.max_classification_images))
+    result["cam_classification"] = run.state.stage("train_cam").get("held_out")
     storage.write_text(metrics_uri(run.root), json.dumps(ledger.to_json_safe(result), indent=2, sort_keys=True))
     run.state.update_stage("evaluate", key=key)
     full = result["irnet"]
@@ -282,6 +365,8 @@ def run_label(cfg: Config, *, from_stage: str | None = None, only: list[str] | N
                        ("synthesis", stage_synthesis), ("publish", stage_publish), ("evaluate", stage_evaluate),
                        ("report", stage_report)):
         run.stage(name, lambda body=body: body(run))
+        if name == "train_cam":
+            quality_gate(run)
     state.data["last_run"] = {"seconds": round(time.perf_counter() - t0, 1),
                               "labels_version": ledger.latest_version(cfg.run.root)}
     state.save()

@@ -90,8 +90,10 @@ def build_report(run) -> dict[str, Any]:
                    "counts": info.get("counts", {})} for name, info in stages.items()]
     full = (metrics or {}).get("irnet")
     headline = None if not full else {"mIoU": full["miou"], **{f"AP{int(float(t) * 100)}": v for t, v in full["ap"].items()}}
-    if headline is not None and metrics.get("cam_classification"):
-        headline["CAM net mAP (held-out)"] = metrics["cam_classification"]["map"]
+    held_out = run.state.stage("train_cam").get("held_out") or {}
+    if held_out.get("images"):
+        headline = headline or {}
+        headline["CAM net mAP (held-out)"] = held_out["map"]
     ablations = [] if not metrics else [
         {"method": label, "miou": m["miou"], "ap50": m["ap"].get("0.5"), "ap70": m["ap"].get("0.7")}
         for label, m in (("CAM", metrics["ablations"].get("cam")),
@@ -105,7 +107,8 @@ def build_report(run) -> dict[str, Any]:
                 "classes": ", ".join(run.classes), "synthesis method": run.cfg.synthesis.method}
     health = summary.get("health") or {}
     tables = [{"title": "Label health", "header": ["figure", "value"],
-               "rows": [[name.replace("_", " "), value] for name, value in health.items()]}] if health else []
+               "rows": [[name.replace("_", " "), value] for name, value in health.items()],
+               "notes": summary.get("health_warnings", [])}] if health else []
     html_text = render_report(title=f"irn-ray labels {version}", summary=overview, stage_rows=stage_rows,
                               class_rows=_class_rows(run, summary, metrics), metrics=headline,
                               ablation_rows=ablations, previews=make_previews(run, version, run.cfg.eval.num_previews),

@@ -41,9 +41,9 @@ def tiny_config(tmp: str, manifest: str) -> list[str]:
             "train_cam.crop_size=64", "train_cam.resize_long=[64, 80]", "train_cam.cpus_per_worker=0.5",
             "train_cam.num_workers=2", "train_irn.num_workers=2",  # DDP over two Ray Train workers
             "cams.scales=[1.0, 0.5]", "cams.cpus_per_actor=0.5", "relations.cpus_per_task=0.5",
-            "train_irn.depth=18", "train_irn.batch_size=4", "train_irn.epochs=1", "train_irn.crop_size=64",
+            "train_irn.depth=18", "train_irn.backbone_init=cam", "train_irn.batch_size=4", "train_irn.epochs=1", "train_irn.crop_size=64",
             "train_irn.cpus_per_worker=0.5", "synthesis.cpus_per_actor=0.5", "synthesis.cpus_per_task=0.5",
-            "synthesis.steps=64",
+            "synthesis.steps=64", "run.min_cam_map=0",
             "eval.num_previews=2"]
 
 

@@ -341,3 +341,94 @@ def test_export_status_of_the_labelled_run(labelled, tmp_path):
     text = status.main(["--root", root])
     assert f"LATEST = {os.path.basename(labels_dir)}" in text and "synthesis" in text and "valid" in text
     assert "no run.json" in status.main(["--root", str(tmp_path / "nothing")])
+
+
+def test_quality_gate_stops_before_publishing(labelled, tmp_path, caplog):
+    import logging
+    import shutil
+
+    root = str(tmp_path / "run")
+    shutil.copytree(labelled["root"], root)
+    latest = storage.read_text(layout.latest_pointer(root))
+    held_out = json.loads(storage.read_text(layout.run_json(root)))["stages"]["train_cam"]["held_out"]
+    assert held_out["images"] == 2 and 0 <= held_out["map"] <= 1  # measured once, kept in run.json
+    args = [a if not a.startswith("run.root=") else f"run.root={root}" for a in labelled["args"]]
+    with caplog.at_level(logging.ERROR, logger="irn-ray"), pytest.raises(SystemExit) as stopped:
+        label.main(args + ["--set", "run.min_cam_map=0.999"])
+    assert stopped.value.code == 3
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quality gate:")]
+    assert "below run.min_cam_map 1.00" in message and "--set run.min_cam_map=0" in message
+    assert storage.read_text(layout.latest_pointer(root)) == latest  # nothing published
+    state = json.loads(storage.read_text(layout.run_json(root)))
+    assert state["stages"]["cams"]["status"] != "running" and state["labels"]["pending"] is None
+
+
+def test_cams_from_another_source_replace_the_cam_network(labelled, tmp_path):
+    from pipeline.data.source_cams import fit_source_cams, read_source_cams
+    from support import copy_models
+
+    data, source = str(tmp_path / "data"), str(tmp_path / "cams")
+    manifest = write_synthetic_set(data, num_images=6, seed=3, num_classes=3, min_size=64, max_size=80,
+                                   style="rings", val_fraction=0, cam_like=source)
+    records = {r["image_id"]: r for r in codecs.read_parquet(manifest).to_pylist()}
+    os.remove(os.path.join(source, "syn-000001.npz"))
+    broken = np.load(os.path.join(source, "syn-000002.npz"))
+    np.savez(os.path.join(source, "syn-000002.npz"), cams=np.full_like(broken["cams"], np.nan),
+             class_ids=broken["class_ids"])
+    np.savez(os.path.join(source, "syn-000003.npz"), cams=np.ones((1, 5, 5), np.float32),
+             class_ids=np.array([4]))  # a class the set does not have
+    root = str(tmp_path / "run")
+    copy_models(labelled["root"], root)
+    base = [a for a in labelled["args"] if a != "--set" and not a.startswith(("data.", "run.root=", "train_irn.backbone"))]
+    args = sum((["--set", a] for a in base + [f"data.manifest={manifest}", "data.classes=[cross, ellipse, ring]",
+                                               f"run.root={root}", f"cams.source={source}", "run.retrain=never",
+                                               "train_irn.backbone_init=none"]), [])
+    state = label.main(args + ["--only", "train_cam", "--only", "cams", "--only", "synthesis", "--only", "publish"])
+    assert state["stages"]["train_cam"]["counts"]["reason"] == "cams.source gives the CAMs"
+    assert state["stages"]["cams"]["counts"]["done"] == 3 and state["stages"]["cams"]["counts"]["quarantined"] == 3
+    reasons = {r["image_id"]: r["reason"] for r in ledger.quarantined(root, "cams", ("image_id", "reason")).to_pylist()}
+    assert "no source CAM file syn-000001.npz" in reasons["syn-000001"]
+    assert "NaN" in reasons["syn-000002"] and "not in 1..3" in reasons["syn-000003"]
+    for row in _cam_rows(root).values():
+        cams, ids = read_source_cams(open(os.path.join(source, f"{row['image_id']}.npz"), "rb").read())
+        tags = [["cross", "ellipse", "ring"].index(n) + 1 for n in records[row["image_id"]]["labels"]]
+        low, _ = fit_source_cams(cams, ids, tags, 3, (row["height"], row["width"]))
+        assert np.array_equal(row["cams"], low.astype(np.float16).astype(np.float32))
+    index = ledger.read_index(_labels_dir(root))
+    assert sorted(index.column("image_id").to_pylist()) == ["syn-000000", "syn-000004", "syn-000005"]
+
+
+def test_tune_sweeps_thresholds_on_the_stored_cams(labelled):
+    from jobs import tune
+    from pipeline.algorithms.metrics import confusion, mean_iou
+    from pipeline.stages import plan
+    from pipeline.stages.plan import read_manifest
+    from pipeline.stages.synthesis import padded_input
+    from pipeline.train.common import load_trained
+
+    root = labelled["root"]
+    result = tune.main(["--root", root, "--max-images", "3", "--betas", "5", "10", "--thresholds", "0.2", "0.4"])
+    assert result["images"] == 3 and len(result["semantic"]) == 4 and len(result["instance"]) == 4
+    assert result["best_semantic"]["miou"] == max(r["miou"] for r in result["semantic"])
+    assert json.loads(storage.read_text(storage.join(layout.report_dir(root), "tune.json")))["images"] == 3
+    # One point of the sweep, computed directly: the stored CAMs, IRNet on the padded image, the walk.
+    state = json.loads(storage.read_text(layout.run_json(root)))  # a later manifest than the fixture's
+    config = state["config"]
+    manifest_dir = layout.manifest_dir(root, state["manifest"]["stamp"])
+    manifest = {r["image_id"]: r for r in read_manifest(manifest_dir).to_pylist()}
+    current = ledger.current_cams(plan._images(manifest_dir, CLASSES, state["stages"]["cams"]["key"]),
+                                  plan._cam_rows(root))
+    shards = dict(zip(current.column("image_id").to_pylist(), current.column("cam_shard").to_pylist()))
+    net = load_trained(root, "irn")
+    matrix = 0
+    for image_id in result["image_ids"]:
+        (row,) = read_cam_rows(storage.join(layout.cams_dir(root), shards[image_id]), [image_id])
+        image = decode_image(storage.read_bytes(row["uri"]))
+        (out,) = net.infer_padded(torch.from_numpy(padded_input(image, config["train_irn"]["crop_size"]))[None],
+                                  [image.shape[:2]])
+        labels = algo.semantic_labels(torch.from_numpy(row["cams"]), row["class_ids"], out.boundary, image.shape[:2],
+                                      bg_threshold=0.4, beta=5.0, steps=config["synthesis"]["steps"])
+        gt = codecs.decode_label_png(storage.read_bytes(manifest[image_id]["gt_semantic_uri"]))
+        matrix = matrix + confusion(labels, gt, len(CLASSES) + 1)
+    (entry,) = [r for r in result["semantic"] if r["beta"] == 5.0 and r["sem_bg_threshold"] == 0.4]
+    assert abs(entry["miou"] - mean_iou(matrix)["mean"]) < 1e-9

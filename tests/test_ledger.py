@@ -171,3 +171,24 @@ def test_retain_keeps_what_kept_versions_reference(tmp_path, ray_session):
     assert list(json.loads(storage.read_text(layout.run_json(root)))["labels"]["versions"]) == ["v2"]
     with pytest.raises(ValueError, match="keep"):
         retain(state, root, keep=0)
+
+
+def test_index_summary_counts_and_health_warnings():
+    from pipeline.stages.plan import health_warnings, index_summary
+
+    rows = _index_rows(["a", "b", "c", "d"], ["k"] * 4)
+    rows = rows.set_column(rows.schema.get_field_index("num_instances"), "num_instances", pa.array([2, 0, 1, 0], pa.int32()))
+    rows = rows.set_column(rows.schema.get_field_index("class_ids"), "class_ids",
+                           pa.array([[1, 2], [2], [1], []], pa.list_(pa.int32())))
+    rows = rows.set_column(rows.schema.get_field_index("fg_fraction"), "fg_fraction", pa.array([0.2, 0.0, 0.1, 0.0], pa.float32()))
+    rows = rows.set_column(rows.schema.get_field_index("cam_fraction"), "cam_fraction", pa.array([0.4, 0.3, 0.3, 0.0], pa.float32()))
+    summary = index_summary(rows, ["cat", "dog"])
+    assert summary["images"] == 4 and summary["instances"] == 3 and summary["images_per_class"] == {"cat": 2, "dog": 2}
+    health = summary["health"]
+    assert health["tagged_images_all_background"] == pytest.approx(1 / 3)  # b: tagged, labelled nothing
+    assert health["foreground_to_cam_area"] == pytest.approx(0.3 / 1.0)
+    assert health["instances_per_tag"] == pytest.approx(3 / 4)
+    warnings = summary["health_warnings"]
+    assert len(warnings) == 2 and "33% of tagged images" in warnings[0] and "0.30x" in warnings[1]
+    assert health_warnings({"tagged_images_all_background": 0.0, "foreground_to_cam_area": 1.1,
+                            "instances_per_tag": 1.5}) == []

@@ -134,3 +134,18 @@ def test_voc_adapter_on_a_fake_devkit(tmp_path):
 
     valid, quarantine, classes = load_manifest(out, list(VOC_CLASSES))
     assert len(valid) == 2 and quarantine == [] and classes[7] == "cat"
+
+    # The paper's setting: train on train_aug (a list file of the official code), evaluate on
+    # train only, hold val out (no ground truth) for the quality gate.
+    (tmp_path / "train_aug.txt").write_text("2007_000002\n2007_000001\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000002\n")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000002\n")
+    out = write_voc_manifest(str(voc), str(tmp_path / "paper.parquet"), str(tmp_path / "train_aug.txt"),
+                             ground_truth_set="train", held_out_set="val")
+    rows = codecs.read_parquet(out).to_pylist()
+    assert [(r["image_id"], r["split"]) for r in rows] == [("2007_000002", "train"), ("2007_000001", "train"),
+                                                           ("2007_000002", "val")]
+    assert rows[1]["gt_semantic_uri"] == ""  # has PNGs but is not in the evaluated set
+    assert rows[2]["gt_semantic_uri"] == "" and rows[2]["labels"] == ["person"]
+    with pytest.raises(FileNotFoundError, match="train_aug"):
+        write_voc_manifest(str(voc), str(tmp_path / "x.parquet"), "train_aug")

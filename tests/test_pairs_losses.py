@@ -47,12 +47,35 @@ def test_paths_by_hand(offset, expected):
     assert sorted(map(tuple, offset_path(offset).tolist())) == sorted(expected)
 
 
-def test_downsample_samples_top_left_of_each_cell():
-    label = np.arange(9 * 13).reshape(9, 13).astype(np.int32)
+def test_downsample_takes_pixel_4i_plus_2_like_pil_nearest_at_a_quarter():
+    from PIL import Image
+
+    label = (np.arange(64 * 40).reshape(64, 40) % 251).astype(np.uint8)
     small = downsample_labels(label)
-    assert small.shape == (3, 4)
-    assert small[1, 2] == label[4, 8] and small[2, 3] == label[8, 12]
+    assert small.shape == (16, 10) and np.array_equal(small, label[2::4, 2::4])
+    # The official code: imutils.pil_rescale(label, 0.25, 0), PIL NEAREST to round(H / 4).
+    official = np.asarray(Image.fromarray(label).resize((10, 16), Image.NEAREST))
+    assert np.array_equal(small, official)
     assert torch.equal(downsample_labels(torch.from_numpy(label)), torch.from_numpy(small.copy()))
+    # Sizes that are no multiple of 4: the ceil grid, each cell its centre pixel, as PIL does.
+    odd = (np.arange(9 * 13).reshape(9, 13) % 251).astype(np.uint8)
+    assert np.array_equal(downsample_labels(odd), np.asarray(Image.fromarray(odd).resize((4, 3), Image.NEAREST)))
+
+
+def test_training_pairs_start_in_the_official_interior():
+    from pipeline.algorithms.pairs import source_interior
+
+    inside = source_interior(128, 128, 10)
+    assert int(inside.sum()) == 119 * 110  # the official PathIndex's 13090 sources for a 512 crop
+    assert inside[:119, 9:119].all() and not inside[119:].any() and not inside[:, :9].any()
+    assert not inside[:, 119:].any()
+    rng = np.random.default_rng(1)
+    relation = rng.choice([0, 1, 2, 255], size=(24, 30)).astype(np.uint8)
+    everywhere = relation_pair_labels(relation, 5)
+    interior = relation_pair_labels(relation, 5, interior=True)
+    mask = source_interior(24, 30, 5)
+    for all_pairs, kept in zip(everywhere, interior):
+        assert torch.equal(kept, all_pairs & mask) and kept.sum() < all_pairs.sum()
 
 
 # 3x4 relation map; radius 2 has offsets (0,1), (1,-1), (1,0), (1,1). Counted by hand:

@@ -157,19 +157,38 @@ def destination_values(x: torch.Tensor, radius: int, *, fill: float = 0.0) -> to
 
 
 def downsample_labels(label, *, stride: int = 4):
-    """Nearest-neighbour downsampling of a full-resolution label map to the stride grid.
+    """Nearest-neighbour downsampling of a full-resolution label map to the stride grid, as the
+    official code does it (PIL NEAREST resize by 1/stride).
 
-    Grid pixel (y, x) takes the label of image pixel (stride*y, stride*x), the top-left pixel of
-    its stride x stride cell, so an H x W map becomes ceil(H/stride) x ceil(W/stride).
+    Grid cell i of h = ceil(H/stride) takes image row floor((i + 0.5) * H / h), the centre of its
+    cell: row ``4i + 2`` when H is a multiple of 4 (likewise for columns).
 
     Args:
         label: integer [H, W] (numpy array or torch tensor), e.g. 0 background, 1..C, 255 ignore.
     Returns: same type and dtype, [ceil(H/stride), ceil(W/stride)].
     """
-    return label[::stride, ::stride]
+    height, width = label.shape[-2:]
+    h, w = -(-height // stride), -(-width // stride)
+    rows = np.minimum(((np.arange(h) + 0.5) * height / h).astype(np.int64), height - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * width / w).astype(np.int64), width - 1)
+    if torch.is_tensor(label):
+        rows, cols = torch.from_numpy(rows).to(label.device), torch.from_numpy(cols).to(label.device)
+    return label[rows[:, None], cols[None, :]]
 
 
-def relation_pair_labels(relation_map, radius: int = 10) -> tuple[torch.Tensor, ...]:
+def source_interior(height: int, width: int, radius: int, *, device=None) -> torch.Tensor:
+    """The sources the official training takes pairs from: at least ``radius - 1`` cells from the
+    left, right and bottom edges of the grid (rows 0..h-r, columns r-1..w-r).
+
+    Returns: bool [height, width].
+    """
+    margin = radius - 1
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    mask[: max(height - margin, 0), margin: max(width - margin, margin)] = True
+    return mask
+
+
+def relation_pair_labels(relation_map, radius: int = 10, *, interior: bool = False) -> tuple[torch.Tensor, ...]:
     """Class-equivalence labels of every pair (Eq. 3, 4) from a stride-grid relation map.
 
     A pair is valid if both ends are inside the grid and neither is 255; a valid pair is positive
@@ -180,6 +199,8 @@ def relation_pair_labels(relation_map, radius: int = 10) -> tuple[torch.Tensor, 
         relation_map: integer [h, w] (numpy array or torch tensor, any device): 0 background,
             1..C class, 255 ignore; already on the stride-4 grid (see :func:`downsample_labels`).
         radius: pair radius r (10 for training).
+        interior: keep only pairs whose source lies in :func:`source_interior` (training, as the
+            official code; all sources otherwise).
     Returns: (bg_positive, fg_positive, negative), each bool [P, h, w] on the map's device
         (CPU for numpy input); the three are disjoint.
     """
@@ -193,4 +214,7 @@ def relation_pair_labels(relation_map, radius: int = 10) -> tuple[torch.Tensor, 
     bg_positive = equal & (source == 0)
     fg_positive = equal & (source != 0)
     negative = valid & (source != target)
+    if interior:
+        inside = source_interior(*labels.shape[-2:], radius, device=labels.device)
+        bg_positive, fg_positive, negative = (m & inside for m in (bg_positive, fg_positive, negative))
     return bg_positive, fg_positive, negative

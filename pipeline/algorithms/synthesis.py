@@ -37,7 +37,9 @@ from .propagation import random_walk
 
 __all__ = [
     "semantic_labels",
+    "semantic_sweep",
     "instance_labels",
+    "instance_sweep",
     "cam_semantic_labels",
     "cam_instance_labels",
     "cam_boundary_instance_labels",
@@ -169,11 +171,18 @@ def semantic_labels(
     Returns:
         uint8 numpy [H, W]: 0 = background, else a class id from ``class_ids``.
     """
+    return semantic_sweep(cams, class_ids, boundary, image_size, bg_thresholds=[bg_threshold], beta=beta,
+                          steps=steps, radius=radius)[0]
+
+
+def semantic_sweep(cams, class_ids, boundary, image_size: Sequence[int], *, bg_thresholds: Sequence[float],
+                   beta: float = 10.0, steps: int = 256, radius: int = 5) -> list[np.ndarray]:
+    """:func:`semantic_labels` at several background thresholds from one random walk
+    (threshold tuning); one uint8 [H, W] map per threshold."""
     maps = _as_cams(cams, image_size)
     lookup = _class_lookup(class_ids, maps.shape[0])
     walked = _propagate(maps, _as_grid_map(boundary, maps, "boundary"), beta=beta, steps=steps, radius=radius)
-    index, _ = _winning_channels(walked, image_size, bg_threshold)
-    return lookup[index].astype(np.uint8)
+    return [lookup[_winning_channels(walked, image_size, t)[0]].astype(np.uint8) for t in bg_thresholds]
 
 
 def instance_labels(
@@ -214,6 +223,17 @@ def instance_labels(
         masks bool [N, H, W] (pairwise disjoint), classes int64 [N] (class ids), scores float32
         [N] in [0, 1].
     """
+    return instance_sweep(cams, class_ids, boundary, displacement, image_size, bg_thresholds=[bg_threshold],
+                          beta=beta, steps=steps, radius=radius, iterations=iterations, threshold=threshold,
+                          min_fragment=min_fragment)[0]
+
+
+def instance_sweep(cams, class_ids, boundary, displacement, image_size: Sequence[int], *,
+                   bg_thresholds: Sequence[float], beta: float = 10.0, steps: int = 256, radius: int = 5,
+                   iterations: int = 100, threshold: float = 2.5, min_fragment: float = 0.01,
+                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`instance_labels` at several background thresholds from one grouping and one random
+    walk (threshold tuning); one (masks, classes, scores) per threshold."""
     maps = _as_cams(cams, image_size)
     lookup = _class_lookup(class_ids, maps.shape[0])
     field = torch.as_tensor(displacement).to(maps.device)
@@ -228,9 +248,12 @@ def instance_labels(
     walked = _propagate(
         instance_cams, _as_grid_map(boundary, maps, "boundary"), beta=beta, steps=steps, radius=radius
     )
-    index, score = _winning_channels(walked, image_size, bg_threshold)
     region_classes = np.repeat(lookup[1:], count)
-    return _split_into_instances(index, score, region_classes, min_fragment * index.size)
+    out = []
+    for bg_threshold in bg_thresholds:
+        index, score = _winning_channels(walked, image_size, bg_threshold)
+        out.append(_split_into_instances(index, score, region_classes, min_fragment * index.size))
+    return out
 
 
 def cam_semantic_labels(

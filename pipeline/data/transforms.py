@@ -39,6 +39,16 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
+def held_out_input(image: np.ndarray, size: int) -> np.ndarray:
+    """The CAM classifier's held-out input: long side resized to ``size`` (bicubic), normalised,
+    zero-padded bottom/right to float32 [3, size, size], so held-out images batch together."""
+    height, width = image.shape[:2]
+    resized = normalize(resize_image(image, scaled_size(height, width, size / max(height, width))))
+    out = np.zeros((3, size, size), np.float32)
+    out[:, : resized.shape[1], : resized.shape[2]] = resized[:, :size, :size]
+    return out
+
+
 def random_crop(image: np.ndarray, label: np.ndarray | None, crop: int, rng: np.random.Generator,
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A random crop x crop window; a smaller side is padded (image 0, label 255) at a random offset.

@@ -50,68 +50,70 @@ class IRNetInference(NamedTuple):
     displacement: torch.Tensor
 
 
-def _conv_gn_relu(in_ch: int, out_ch: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False),
-        nn.GroupNorm(groups, out_ch),
-        nn.ReLU(inplace=True),
-    )
+def _conv_gn_relu(in_ch: int, out_ch: int, groups: int, upsample: int = 1) -> nn.Sequential:
+    """1×1 conv (no bias) → GroupNorm → [bilinear ×upsample] → ReLU, the official order: the
+    upsampling interpolates normalised features before the ReLU. Indices 0 (conv) and 1 (GN)
+    are those of the official modules, so their state dicts map one to one."""
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False), nn.GroupNorm(groups, out_ch)]
+    if upsample > 1:
+        layers.append(nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=False))
+    return nn.Sequential(*layers, nn.ReLU(inplace=True))
 
 
-def _upsample_to(x: torch.Tensor, scale: int, like: torch.Tensor) -> torch.Tensor:
-    """Bilinear ×``scale`` upsampling, cropped bottom/right to ``like``'s spatial size."""
-    if scale != 1:
-        x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+def _crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Crop bottom/right to ``like``'s spatial size (upsampled coarse levels can be larger)."""
     return x[..., : like.shape[-2], : like.shape[-1]]
 
 
 class BoundaryBranch(nn.Module):
-    """Per level 1×1 conv → 32 ch + GN(4) + ReLU; resize to stride 4; concat (160); 1×1 → 1 logit.
+    """Per level 1×1 conv → 32 ch + GN(4) (+ ×2 / ×4 upsampling for L3 / L4, L5) + ReLU, cropped
+    to the stride-4 grid; concat (160); 1×1 → 1 logit (official fc_edge1..6).
 
     Input: BackboneFeatures-like (l1..l5). Output: float [B, 1, ceil(H/4), ceil(W/4)].
     """
 
+    _UPSAMPLE = (1, 1, 2, 4, 4)
+
     def __init__(self, channels: tuple[int, int, int, int, int]) -> None:
         super().__init__()
-        self.reduce = nn.ModuleList(_conv_gn_relu(c, 32, 4) for c in channels)
+        self.reduce = nn.ModuleList(_conv_gn_relu(c, 32, 4, s) for c, s in zip(channels, self._UPSAMPLE))
         self.head = nn.Conv2d(32 * 5, 1, kernel_size=1, bias=True)
 
     def forward(self, feats) -> torch.Tensor:
         """feats: 5 tensors (L1..L5) -> boundary logits [B, 1, h, w]."""
         grid = feats[1]
-        scales = (1, 1, 2, 4, 4)
-        parts = [_upsample_to(m(f), s, grid) for m, f, s in zip(self.reduce, feats, scales)]
+        parts = [_crop_to(m(f), grid) for m, f in zip(self.reduce, feats)]
         return self.head(torch.cat(parts, dim=1))
 
 
 class DisplacementBranch(nn.Module):
-    """Top-down displacement decoder (DESIGN §4).
+    """Top-down displacement decoder (DESIGN §4, official fc_dp1..7).
 
-    Per level 1×1 conv (64, 128, 256, 256, 256 ch) + GN(8, 16, 16, 16, 16) + ReLU; L4, L5 ×2 to
-    stride 8; concat L3..L5 (768) → 1×1 256 + GN(16) + ReLU, ×2 to stride 4; concat with L1, L2
-    (448) → 1×1 256 + GN(16) + ReLU → 1×1 to 2 channels (no bias, no activation).
+    Per level 1×1 conv (64, 128, 256, 256, 256 ch) + GN(8, 16, 16, 16, 16) (+ ×2 upsampling for
+    L4, L5) + ReLU; concat L3..L5 at stride 8 (768) → 1×1 256 + GN(16) + ×2 + ReLU to stride 4;
+    concat with L1, L2 (448) → 1×1 256 + GN(16) + ReLU → 1×1 to 2 channels (no bias, no activation).
 
     Input: BackboneFeatures-like (l1..l5). Output: float [B, 2, ceil(H/4), ceil(W/4)], (dy, dx).
     """
 
     _WIDTHS = (64, 128, 256, 256, 256)
     _GROUPS = (8, 16, 16, 16, 16)
+    _UPSAMPLE = (1, 1, 1, 2, 2)
 
     def __init__(self, channels: tuple[int, int, int, int, int]) -> None:
         super().__init__()
         self.reduce = nn.ModuleList(
-            _conv_gn_relu(c, w, g) for c, w, g in zip(channels, self._WIDTHS, self._GROUPS)
+            _conv_gn_relu(c, w, g, s) for c, w, g, s in zip(channels, self._WIDTHS, self._GROUPS, self._UPSAMPLE)
         )
-        self.merge8 = _conv_gn_relu(sum(self._WIDTHS[2:]), 256, 16)
+        self.merge8 = _conv_gn_relu(sum(self._WIDTHS[2:]), 256, 16, upsample=2)
         self.merge4 = _conv_gn_relu(sum(self._WIDTHS[:2]) + 256, 256, 16)
         self.head = nn.Conv2d(256, 2, kernel_size=1, bias=False)
 
     def forward(self, feats) -> torch.Tensor:
         """feats: 5 tensors (L1..L5) -> displacement [B, 2, h, w]."""
         d1, d2, d3, d4, d5 = (m(f) for m, f in zip(self.reduce, feats))
-        s8 = torch.cat([d3, _upsample_to(d4, 2, d3), _upsample_to(d5, 2, d3)], dim=1)
-        s8 = _upsample_to(self.merge8(s8), 2, d2)
-        s4 = self.merge4(torch.cat([d1, d2, s8], dim=1))
+        s8 = torch.cat([d3, _crop_to(d4, d3), _crop_to(d5, d3)], dim=1)
+        s4 = self.merge4(torch.cat([d1, d2, _crop_to(self.merge8(s8), d2)], dim=1))
         return self.head(s4)
 
 

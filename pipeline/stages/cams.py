@@ -2,7 +2,8 @@
 
 The Ray Data graph is shaped for GPUs: CPU tasks decode, resize and normalise; network actors
 (GPU when ``cams.gpus_per_actor`` > 0) only run the CAM network on batches; CPU tasks fuse the
-scales, run the CRF and write the relation PNG; shard writers commit ``cams/part-*.parquet``
+scales, run the CRF and write the relation PNG (with ``cams.source``, a CPU task reads each
+image's CAMs from the source instead of the network); shard writers commit ``cams/part-*.parquet``
 (image_id, key, uri, height, width, class_ids, stride-4 CAMs in float16) ``run.shard_rows``
 images at a time. Images that fail become quarantine rows of stage ``cams`` (ledger).
 """
@@ -22,6 +23,7 @@ from pipeline.algorithms.cams import make_cams
 from pipeline.algorithms.relations import mine_relations
 from pipeline.config import Config
 from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.source_cams import SourceCamError, fit_source_cams, read_source_cams
 from pipeline.data.transforms import normalize, resize_image, scaled_size
 from pipeline.io import codecs, layout, storage
 from pipeline.progress import StageProgress
@@ -132,19 +134,50 @@ class CamNetwork:
                 **{f"maps_{s}": common.object_array(m) for s, m in enumerate(maps)}}
 
 
+def decode_with_source_cams(batch: dict[str, np.ndarray], *, source: str, num_classes: int,
+                            max_pixels: int) -> dict[str, Any]:
+    """CPU task (``cams.source``): decode each image and read its CAMs from ``<source>/<id>.npz``,
+    fitted to the image (pipeline.data.source_cams), instead of running the CAM network."""
+    images, stride4, high_res, errors = [], [], [], []
+    for image_id, uri, class_ids in zip(batch["image_id"], batch["uri"], batch["class_ids"]):
+        image, low, high, error = np.zeros((0, 0, 3), np.uint8), _EMPTY, _EMPTY, ""
+        try:
+            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            try:
+                data = storage.read_bytes(storage.join(source, f"{image_id}.npz"))
+            except FileNotFoundError:
+                raise SourceCamError(f"no source CAM file {image_id}.npz in cams.source") from None
+            cams, source_ids = read_source_cams(data)
+            low, high = fit_source_cams(cams, source_ids, [int(c) for c in class_ids], num_classes, image.shape[:2])
+        except SourceCamError as err:
+            error = err.reason
+        except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
+            error = failure(err, "decoding")
+        images.append(image)
+        stride4.append(low)
+        high_res.append(high)
+        errors.append(error)
+    return {**batch, "image": common.object_array(images), "stride4": common.object_array(stride4),
+            "high_res": common.object_array(high_res), "error": np.array(errors, dtype=object)}
+
+
 def mine_and_write(batch: dict[str, np.ndarray], *, root: str, relation_params: dict[str, float],
                    keep_high_res: bool) -> dict[str, Any]:
-    """CPU task: fuse the scales into CAMs, mine relations with the CRF, write the relation PNG."""
+    """CPU task: fuse the scales into CAMs (unless a source gave them), mine relations with the
+    CRF, write the relation PNG."""
     cams, high_res, heights, widths, errors = [], [], [], [], []
     for i, image_id in enumerate(batch["image_id"]):
         error, low, high = batch["error"][i], _EMPTY, _EMPTY
         image = batch["image"][i]
         if not error:
             try:
-                scales = sum(1 for k in batch if k.startswith("maps_"))
-                outputs = [torch.from_numpy(batch[f"maps_{s}"][i]) for s in range(scales)]
-                low_t, high_t = make_cams(outputs, image.shape[:2], list(range(outputs[0].shape[1])))
-                low, high = low_t.numpy(), high_t.numpy()
+                if "stride4" in batch:
+                    low, high = batch["stride4"][i], batch["high_res"][i]
+                else:
+                    scales = sum(1 for k in batch if k.startswith("maps_"))
+                    outputs = [torch.from_numpy(batch[f"maps_{s}"][i]) for s in range(scales)]
+                    low_t, high_t = make_cams(outputs, image.shape[:2], list(range(outputs[0].shape[1])))
+                    low, high = low_t.numpy(), high_t.numpy()
                 relations = mine_relations(image, high, batch["class_ids"][i], **relation_params)
                 storage.write_bytes(layout.relation_png(root, str(image_id)), codecs.encode_semantic_png(relations))
             except Exception as err:  # noqa: BLE001
@@ -208,16 +241,21 @@ def run_cams(cfg: Config, manifest_dir: str, classes: list[str], cams_key: str) 
     if counts["pending"] == 0:
         return {**counts, "_skipped": True}
     block = min(max(8, section.batch_size), cfg.run.shard_rows)
-    ds = common.dataset(pending_ref, block).map_batches(
-        decode_for_cams, batch_size=block, batch_format="numpy", num_cpus=cfg.run.io_cpus,
-        fn_kwargs={"scales": section.scales, "max_pixels": cfg.data.max_pixels},
-    ).map_batches(
-        CamNetwork, batch_size=section.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"root": root, "num_classes": len(classes), "gpus": section.gpus_per_actor,
-                               "bf16": section.bf16},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
-        num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor,
-    ).map_batches(
+    if section.source:
+        ds = common.dataset(pending_ref, block).map_batches(
+            decode_with_source_cams, batch_size=block, batch_format="numpy", num_cpus=cfg.run.io_cpus,
+            fn_kwargs={"source": section.source, "num_classes": len(classes), "max_pixels": cfg.data.max_pixels})
+    else:
+        ds = common.dataset(pending_ref, block).map_batches(
+            decode_for_cams, batch_size=block, batch_format="numpy", num_cpus=cfg.run.io_cpus,
+            fn_kwargs={"scales": section.scales, "max_pixels": cfg.data.max_pixels},
+        ).map_batches(
+            CamNetwork, batch_size=section.batch_size, batch_format="numpy",
+            fn_constructor_kwargs={"root": root, "num_classes": len(classes), "gpus": section.gpus_per_actor,
+                                   "bf16": section.bf16},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.num_actors),
+            num_cpus=section.cpus_per_actor, num_gpus=section.gpus_per_actor)
+    ds = ds.map_batches(
         mine_and_write, batch_size=block, batch_format="numpy", num_cpus=cfg.relations.cpus_per_task,
         compute=ray.data.TaskPoolStrategy(size=cfg.relations.max_tasks),
         fn_kwargs={"root": root, "relation_params": relation_params(cfg), "keep_high_res": section.keep_high_res},

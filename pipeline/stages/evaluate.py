@@ -149,33 +149,5 @@ def evaluate_labels(cfg, manifest_dir: str, labels_dir: str, classes: list[str],
     }
 
 
-def cam_classification_map(root: str, manifest_dir: str, classes: list[str], *, max_images: int,
-                           ) -> dict[str, Any] | None:
-    """Task: classification mAP of the trained CAM network on the held-out images, or None."""
-    from pipeline.algorithms.metrics import classification_map
-    from pipeline.data.images import ImageDecodeError, decode_image
-    from pipeline.train.cam import multi_hot, predict_scores
-    from pipeline.train.common import load_trained
-
-    manifest = plan.read_manifest(manifest_dir, ["uri", "labels", "held_out"])
-    held_out = manifest.filter(manifest.column("held_out")).slice(0, max_images).to_pylist()
-    if not held_out:
-        return None
-    net = load_trained(root, "cam", num_classes=len(classes))
-    images, targets = [], []
-    for row in held_out:
-        try:
-            images.append(decode_image(storage.read_bytes(row["uri"])))
-        except (ImageDecodeError, OSError):
-            continue  # quarantined by the CAM stage
-        targets.append(multi_hot(row["labels"], classes))
-    if not images:
-        return None
-    result = classification_map(predict_scores(net, images), np.stack(targets))
-    chance = float(np.mean([t.mean() for t in np.stack(targets).T]))
-    return {"images": len(images), "map": result["mean"], "chance": chance,
-            "per_class": dict(zip(classes, result["per_class"]))}
-
-
 def metrics_uri(root: str) -> str:
     return storage.join(layout.report_dir(root), "metrics.json")

@@ -83,19 +83,26 @@ def check_chunk(batch: dict[str, np.ndarray], *, out_dir: str, classes: list[str
     return common.status_batch(["checked"] * len(batch["uri"]))
 
 
-def held_out(split: pa.ChunkedArray) -> pa.Array:
-    """Rows the CAM classifier is evaluated on and no network trains on: split 'val'."""
-    return pc.equal(pc.fill_null(split, ""), "val")
+def held_out(table: pa.Table, *, by_split: bool, fraction: float) -> pa.Array:
+    """Rows the CAM classifier is measured on and no network trains on: split 'val' when the
+    manifest marks any, else the rows whose image_id hashes below ``fraction`` (the same ids stay
+    held out as the set grows)."""
+    if by_split:
+        return pc.equal(pc.fill_null(table.column("split"), ""), "val")
+    limit = int(fraction * 2**64)
+    return pa.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") < limit
+                     for i in table.column("image_id").to_pylist()], pa.bool_())
 
 
-def finish_manifest(out_dir: str, quarantine_uri: str, classes: list[str]) -> dict[str, Any]:
+def finish_manifest(out_dir: str, quarantine_uri: str, classes: list[str], held_out_fraction: float) -> dict[str, Any]:
     """Task: duplicates (first row wins), class list, valid parts and the manifest's quarantine."""
     checked = storage.list_files(storage.join(out_dir, "checked"), ".parquet")
     if not checked:
         return {"valid": 0, "held_out": 0, "ground_truth": 0, "quarantined": 0, "classes": classes,
                 "ground_truth_digest": None}
-    keys = ledger.read_shards(checked, ["image_id", "row", "error", "labels"])
+    keys = ledger.read_shards(checked, ["image_id", "row", "error", "labels", "split"])
     valid = keys.filter(pc.equal(keys.column("error"), ""))
+    by_split = bool(pc.any(pc.equal(pc.fill_null(valid.column("split"), ""), "val")).as_py())
     first = valid.group_by("image_id").aggregate([("row", "min")])
     with_first = valid.select(["image_id", "row"]).join(first, keys="image_id")
     duplicates = with_first.filter(pc.not_equal(with_first.column("row"), with_first.column("row_min")))
@@ -116,7 +123,7 @@ def finish_manifest(out_dir: str, quarantine_uri: str, classes: list[str]) -> di
                                       f"{first_of[row['row']]})")
             quarantine.append({"image_id": row["image_id"], "uri": row["uri"], "reason": reason})
         good = table.filter(pc.invert(bad)).drop_columns(["error"])
-        good = good.append_column("held_out", held_out(good.column("split")))
+        good = good.append_column("held_out", held_out(good, by_split=by_split, fraction=held_out_fraction))
         codecs.write_parquet(storage.join(out_dir, "valid", f"part-{number:06d}.parquet"), good.cast(VALID_SCHEMA))
         counts["valid"] += good.num_rows
         counts["held_out"] += int(pc.sum(good.column("held_out")).as_py() or 0)
@@ -155,7 +162,7 @@ def ingest_manifest(cfg: Config, stamp: str) -> dict[str, Any]:
                                            every_seconds=cfg.run.progress_seconds))
     quarantine_uri = storage.join(layout.quarantine_dir(root), "manifest.parquet")
     summary = common.get(common.run_task(finish_manifest, out_dir, quarantine_uri, list(cfg.data.classes),
-                                         num_cpus=cfg.run.io_cpus))
+                                         cfg.data.held_out_fraction, num_cpus=cfg.run.io_cpus))
     # Manifests of earlier runs are superseded by this one.
     for old in storage.list_dirs(layout.manifest_root(root)):
         if old.rstrip("/").rsplit("/", 1)[-1] != stamp:

@@ -49,17 +49,23 @@ def cams_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str) -
     return pending.select(["image_id", "uri", "class_ids", "cam_key"]), counts
 
 
-def cam_training_rows(manifest_dir: str, classes: list[str]) -> tuple[pa.Table, int]:
-    """(uri, target multi-hot) of the images the CAM network trains on (all but the held-out)."""
+def cam_training_rows(manifest_dir: str, classes: list[str], *, held_out: bool = False,
+                      limit: int | None = None) -> tuple[pa.Table, int, float]:
+    """(uri, labels, target multi-hot) of the images the CAM network trains on (all but the
+    held-out; the held-out ones with ``held_out``, at most ``limit``), their count, and the loss of
+    the best constant guess (each class predicted with its frequency): the chance loss."""
     manifest = read_manifest(manifest_dir, ["uri", "labels", "held_out"])
-    manifest = manifest.filter(pc.invert(manifest.column("held_out")))
+    keep = manifest.column("held_out")
+    manifest = manifest.filter(keep if held_out else pc.invert(keep)).slice(0, limit)
     index = {name: i for i, name in enumerate(classes)}
     targets = np.zeros((manifest.num_rows, len(classes)), np.float32)
     for row, labels in enumerate(manifest.column("labels").to_pylist()):
         targets[row, [index[n] for n in labels]] = 1.0
-    table = pa.table({"uri": manifest.column("uri"),
+    table = pa.table({"uri": manifest.column("uri"), "labels": manifest.column("labels"),
                       "target": pa.array(list(targets), pa.list_(pa.float32()))})
-    return table, table.num_rows
+    prior = np.clip(targets.mean(axis=0), 1e-6, 1 - 1e-6) if len(targets) else np.full(len(classes), 0.5)
+    chance_loss = float(np.mean(-(prior * np.log(prior) + (1 - prior) * np.log(1 - prior))))
+    return table, table.num_rows, chance_loss
 
 
 def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str) -> tuple[pa.Table, int]:
@@ -131,10 +137,33 @@ def index_summary(index: pa.Table, classes: list[str]) -> dict[str, Any]:
                  if 1 <= int(v["values"]) <= len(classes)} if len(flat) else {}
     fg = index.column("fg_fraction").to_numpy(zero_copy_only=False) if images else np.zeros(0)
     cam = index.column("cam_fraction").to_numpy(zero_copy_only=False) if images else np.zeros(0)
+    tagged = pc.list_value_length(index.column("class_ids")).to_numpy(zero_copy_only=False) > 0 if images else fg > 0
+    tags = int(len(flat))
     health = {
-        "all_background": float(np.mean(fg == 0)) if images else None,
+        "tagged_images_all_background": float(np.mean(fg[tagged] == 0)) if tagged.any() else None,
         "foreground_fraction": float(np.mean(fg)) if images else None,
         "cam_fraction": float(np.mean(cam)) if images else None,
+        "foreground_to_cam_area": float(np.sum(fg) / np.sum(cam)) if images and np.sum(cam) > 0 else None,
         "instances_per_image": instances / images if images else None,
+        "instances_per_tag": instances / tags if tags else None,
     }
-    return {"images": images, "instances": instances, "images_per_class": per_class, "health": health}
+    return {"images": images, "instances": instances, "images_per_class": per_class, "health": health,
+            "health_warnings": health_warnings(health)}
+
+
+def health_warnings(health: dict[str, float | None]) -> list[str]:
+    """What looks wrong in labels without ground truth to check them against."""
+    warnings = []
+    empty, ratio, per_tag = (health.get(k) for k in ("tagged_images_all_background", "foreground_to_cam_area",
+                                                     "instances_per_tag"))
+    if empty is not None and empty > 0.2:
+        warnings.append(f"{100 * empty:.0f}% of tagged images are labelled all background: the background "
+                        "thresholds (synthesis.*_bg_threshold) may be too high, or the CAMs too weak")
+    if ratio is not None and not 0.5 <= ratio <= 2.0:
+        side = "less" if ratio < 0.5 else "more"
+        warnings.append(f"the labels cover {ratio:.2f}x the area the CAMs activate, much {side}: check the "
+                        "background thresholds (python -m jobs.tune when some images have ground truth)")
+    if per_tag is not None and not 0.5 <= per_tag <= 8.0:
+        warnings.append(f"{per_tag:.2f} instances per image tag: instances are probably "
+                        f"{'lost' if per_tag < 0.5 else 'fragmented'}")
+    return warnings

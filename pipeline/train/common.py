@@ -24,10 +24,14 @@ def poly_lr(base_lr: float, step: int, max_step: int, power: float) -> float:
     return base_lr * (1.0 - min(step, max_step) / max(1, max_step)) ** power
 
 
-def make_sgd(groups: list[tuple[list[torch.nn.Parameter], float]], weight_decay: float) -> torch.optim.SGD:
-    """SGD without momentum; each group is (params, base learning rate)."""
-    return torch.optim.SGD([{"params": p, "lr": lr, "initial_lr": lr} for p, lr in groups if p],
-                           lr=groups[0][1], momentum=0.0, weight_decay=weight_decay)
+def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], weight_decay: float,
+                   kind: str = "sgd") -> torch.optim.Optimizer:
+    """The paper's SGD without momentum, or AdamW (training from scratch); each group is
+    (params, base learning rate), decayed by the poly schedule either way."""
+    params = [{"params": p, "lr": lr, "initial_lr": lr} for p, lr in groups if p]
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=groups[0][1], weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=groups[0][1], momentum=0.0, weight_decay=weight_decay)
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_step: int, power: float) -> None:
@@ -75,12 +79,16 @@ class Progress:
 
 def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
                loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
-               finish: Callable[[torch.nn.Module], dict[str, Any]] | None = None) -> dict[str, Any]:
+               finish: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+               score: Callable[[torch.nn.Module], float] | None = None) -> dict[str, Any]:
     """The per-worker training loop both networks share (inside a Ray Train worker).
 
     Resumes model, optimizer, epoch and step from the latest checkpoint; applies the poly
     schedule per step; reports metrics and a checkpoint every epoch; stops at ``config["max_step"]``.
     ``finish(model)`` runs once after the last step (before the last checkpoint) and may add metrics.
+    With ``score(model)`` (the same value on every rank) each epoch is scored, the best epoch's
+    weights travel in the checkpoints as ``best_model`` (what is exported) and training stops once
+    ``config["patience"]`` epochs (if set) have not improved on it.
     """
     import ray.train
     import ray.train.torch
@@ -90,10 +98,12 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     device = ray.train.torch.get_device()
     state = load_checkpoint(ray.train.get_checkpoint())
     start_epoch, step = 0, 0
+    best: dict[str, Any] = {}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
+        best = {k: state[k] for k in ("best_model", "best_score", "best_epoch", "best_metrics") if k in state}
         log.warning("%s resumes from epoch %d (step %d)", name, start_epoch, step)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -125,10 +135,21 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                    "loss": float(sum(losses) / len(losses)) if losses else None,
                    "images_per_s_per_worker": progress.images_per_second()}
         final = step >= max_step or epoch == epochs - 1
+        if score is not None:
+            metrics["held_out_map"] = score(model)
+            if not best or metrics["held_out_map"] > best["best_score"]:
+                best = {"best_model": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
+                        "best_score": metrics["held_out_map"], "best_epoch": epoch, "best_metrics": dict(metrics)}
+            patience = config.get("patience")
+            if patience is not None and epoch - best["best_epoch"] >= patience:
+                log.warning("%s: no better held-out mAP for %d epochs; stopping at epoch %d (best: epoch %d, %.3f)",
+                            name, patience, epoch, best["best_epoch"], best["best_score"])
+                final = True
+            metrics.update(best_epoch=best["best_epoch"], best_held_out_map=best["best_score"])
         if final and finish is not None:
             metrics.update(finish(model))
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "step": step, "metrics": metrics}
+                 "epoch": epoch, "step": step, "metrics": metrics, **best}
         save_checkpoint(state, metrics, rank=rank)
         if final:
             break
@@ -202,10 +223,37 @@ def export_model(result, uri: str, extra: dict[str, Any]) -> dict[str, Any]:
     if state is None:
         raise RuntimeError(f"training produced no checkpoint to export to {uri}")
     buf = io.BytesIO()
-    torch.save(state["model"], buf)
+    torch.save(state.get("best_model", state["model"]), buf)  # the best epoch when epochs were scored
     storage.write_bytes(uri, buf.getvalue())
-    meta = {**extra, "metrics": state.get("metrics", {}), "epoch": state.get("epoch"),
-            "step": state.get("step")}
+    meta = {**extra, "metrics": state.get("best_metrics", state.get("metrics", {})), "epoch": state.get("epoch"),
+            "step": state.get("step"), "exported_epoch": state.get("best_epoch", state.get("epoch"))}
+    storage.write_text(uri + ".json", json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return meta
+
+
+def import_model(source: str, uri: str, network: str, *, depth: int, num_classes: int | None,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+    """Use the trained ``network`` at ``source`` (an irn-ray model.pt or a checkpoint of the official
+    implementation, converted) as this run's model: checked by a strict load at ``depth``, then
+    written to ``uri`` like a trained one."""
+    from pipeline.models.backbone import load_state_dict_file
+    from pipeline.models.cam_net import build_cam_net
+    from pipeline.models.irnet import build_irnet
+    from pipeline.models.official import convert_official
+
+    state = convert_official(load_state_dict_file(io.BytesIO(storage.read_bytes(source))), network)
+    try:
+        if network == "cam":
+            build_cam_net(num_classes=num_classes, depth=depth, state_dict=state)
+        else:
+            build_irnet(depth=depth, state_dict=state)
+    except RuntimeError as err:
+        raise ValueError(f"train_{network}.use_model: {source} does not fit a depth-{depth} {network} network "
+                         f"with these classes ({str(err).splitlines()[0]})") from None
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    meta = {**extra, "source": source, "metrics": {}}
     storage.write_text(uri + ".json", json.dumps(meta, indent=2, sort_keys=True, default=str))
     return meta
 

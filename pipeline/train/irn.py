@@ -77,7 +77,7 @@ class IrnTrainBatch:
 
 def _pair_labels(relations: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, h, w] stride-4 relation maps -> three float [B, P, h, w] pair-label masks."""
-    per_image = [relation_pair_labels(r, radius) for r in relations]
+    per_image = [relation_pair_labels(r, radius, interior=True) for r in relations]
     return tuple(torch.stack([labels[k] for labels in per_image]).float() for k in range(3))
 
 
@@ -112,8 +112,8 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
     else:
         model = build_irnet(depth=config["depth"], backbone_init=backbone_source(config["backbone_init"]))
     boundary_params, displacement_params = model.parameter_groups()
-    optimizer = common.make_sgd([(boundary_params, config["lr"]), (displacement_params, 10 * config["lr"])],
-                                config["weight_decay"])
+    optimizer = common.make_optimizer([(boundary_params, config["lr"]), (displacement_params, 10 * config["lr"])],
+                                      config["weight_decay"])
     radius = config["radius"]
 
     def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
