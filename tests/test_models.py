@@ -212,6 +212,22 @@ def test_irnet_gradients_reach_only_branches_and_bn_stays_frozen():
         assert torch.equal(v, before[k]), k
 
 
+def test_irnet_from_scratch_trains_its_backbone_and_loads_into_the_paper_net():
+    net = build_irnet(depth=18, from_scratch=True).train()
+    x = _images(2, 40, 40)
+    out = net(x)
+    (out.boundary_logits.square().mean() + out.displacement.square().mean()).backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if n.startswith("backbone.layer4"))
+    boundary, displacement = net.parameter_groups()
+    assert {id(p) for p in net.backbone.parameters()} <= {id(p) for p in boundary}
+    bn = net.backbone.bn1
+    assert isinstance(bn, torch.nn.BatchNorm2d) and int(bn.num_batches_tracked) == 1  # statistics update
+    frozen = build_irnet(depth=18, state_dict=net.state_dict()).eval()  # the paper's net, strictly
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x).displacement, net(x).displacement)
+
+
 def test_irnet_training_lowers_surrogate_loss():
     net = build_irnet(depth=18).train()
     x = _images(2, 32, 32)

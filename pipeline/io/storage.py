@@ -87,22 +87,12 @@ def read_text(uri: str) -> str:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically, creating parent directories as needed."""
-    _log("write", uri)
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with open_output(uri) as f:
+            f.write(data)
     else:
+        _log("write", uri)
         # One PUT (or one completed multipart upload): the object appears whole or not at all.
         fs.pipe_file(path, data)
 

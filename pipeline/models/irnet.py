@@ -132,17 +132,18 @@ class IRNet(nn.Module):
             subtracted from the displacement in eval mode and in ``infer``, never in training.
     """
 
-    def __init__(self, backbone: ResNetBackbone) -> None:
+    def __init__(self, backbone: ResNetBackbone, *, train_backbone: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        self.train_backbone = train_backbone
         for p in self.backbone.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_backbone)
         self.boundary_branch = BoundaryBranch(backbone.channels)
         self.displacement_branch = DisplacementBranch(backbone.channels)
         self.register_buffer("mean_displacement", torch.zeros(2))
 
     def _raw(self, x: torch.Tensor) -> IRNetOutput:
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
             feats = self.backbone(x)
         return IRNetOutput(self.boundary_branch(feats), self.displacement_branch(feats))
 
@@ -235,9 +236,11 @@ class IRNet(nn.Module):
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(boundary branch parameters, displacement branch parameters).
 
-        Trained with lr 0.1 and 1.0 respectively (DESIGN §4); the backbone is not included.
+        Trained with lr 0.1 and 1.0 respectively (DESIGN §4). The backbone joins the first group
+        only when it trains (``train_backbone``: runs without pretrained weights).
         """
-        return list(self.boundary_branch.parameters()), list(self.displacement_branch.parameters())
+        backbone = list(self.backbone.parameters()) if self.train_backbone else []
+        return backbone + list(self.boundary_branch.parameters()), list(self.displacement_branch.parameters())
 
     def load_backbone_from_cam(self, cam_state_dict: Mapping[str, torch.Tensor]) -> None:
         """Initialise the backbone from a trained CAMNet state dict (``backbone.*`` entries).
@@ -254,6 +257,7 @@ def build_irnet(
     backbone_init: WeightsSource = "none",
     cam_state_dict: Mapping[str, torch.Tensor] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    from_scratch: bool = False,
 ) -> IRNet:
     """Build an IRNet.
 
@@ -266,11 +270,14 @@ def build_irnet(
             ``backbone_init`` (the paper shares the classification backbone).
         state_dict: optional full IRNet state dict (trained checkpoint, including
             ``mean_displacement``) loaded strictly last.
+        from_scratch: the backbone trains too, with updating BatchNorm (runs without pretrained
+            weights: a frozen random backbone gives the branches little to learn from). Its state
+            dict loads into the paper's frozen network for inference.
 
     Returns:
         IRNet on CPU in float32.
     """
-    net = IRNet(build_backbone(depth=depth, init=backbone_init))
+    net = IRNet(build_backbone(depth=depth, init=backbone_init, batch_norm=from_scratch), train_backbone=from_scratch)
     if cam_state_dict is not None:
         net.load_backbone_from_cam(cam_state_dict)
     if state_dict is not None:

@@ -41,6 +41,16 @@ def _cam_rows(root: str) -> pa.Table:
                               shard_column="shard")
 
 
+def current_cams(root: str, manifest_dir: str, classes: list[str], cams_key: str, *,
+                 ground_truth_only: bool = False, image_ids: pa.Array | None = None) -> pa.Table:
+    """The manifest's images (only those with ground truth, or among ``image_ids``, if asked) that
+    have a current CAM row, with its shard (ledger.current_cams)."""
+    images = _images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
+    if image_ids is not None:
+        images = ledger.join_rows(images, pa.table({"image_id": image_ids}), ["image_id"], "left semi")
+    return ledger.current_cams(images, _cam_rows(root))
+
+
 def cams_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str) -> tuple[pa.Table, dict[str, int]]:
     """Manifest rows whose CAM outputs are still to be made (ledger.plan_cams)."""
     images = _images(manifest_dir, classes, cams_key)
@@ -70,7 +80,7 @@ def cam_training_rows(manifest_dir: str, classes: list[str], *, held_out: bool =
 
 def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str) -> tuple[pa.Table, int]:
     """(uri, relation_uri) of the images IRNet trains on: not held out, with a current CAM row."""
-    current = ledger.current_cams(_images(manifest_dir, classes, cams_key), _cam_rows(root))
+    current = current_cams(root, manifest_dir, classes, cams_key)
     current = current.filter(pc.invert(current.column("held_out")))
     relations = pa.array([layout.relation_png(root, i) for i in current.column("image_id").to_pylist()], pa.string())
     table = pa.table({"uri": current.column("uri"), "relation_uri": relations})
@@ -79,8 +89,7 @@ def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key
 
 def _synthesis_inputs(root: str, manifest_dir: str, classes: list[str], cams_key: str, labels_dir: str,
                       base_dir: str | None, stage: str, ground_truth_only: bool):
-    current = ledger.current_cams(_images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only),
-                                  _cam_rows(root))
+    current = current_cams(root, manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
     base_index = ledger.read_index(base_dir) if base_dir else ledger.INDEX_SCHEMA.empty_table()
     return current, base_index, ledger.labelled_rows(labels_dir), ledger.quarantined(root, stage)
 

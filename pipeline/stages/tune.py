@@ -36,9 +36,8 @@ def tune_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str, m
     """Task: up to ``max_images`` ground-truth images with a current CAM row, one row per CAM shard."""
     manifest = plan.read_manifest(manifest_dir, GT_COLUMNS)
     gt = manifest.filter(has_ground_truth(manifest))
-    images = ledger.join_rows(plan._images(manifest_dir, classes, cams_key), gt.select(["image_id"]),
-                              ["image_id"], "left semi")
-    current = ledger.current_cams(images, plan._cam_rows(root)).sort_by("image_id").slice(0, max_images)
+    current = plan.current_cams(root, manifest_dir, classes, cams_key, image_ids=gt.column("image_id"))
+    current = current.sort_by("image_id").slice(0, max_images)
     rows = ledger.join_rows(gt, current.select(["image_id", "cam_shard"]), ["image_id"], "inner", extra=["cam_shard"])
     lookup = {r["image_id"]: r for r in rows.to_pylist()}
     grouped = rows.select(["cam_shard", "image_id"]).group_by("cam_shard").aggregate([("image_id", "list")])

@@ -36,27 +36,6 @@ def multi_hot(labels: list[str], classes: list[str]) -> np.ndarray:
     return target
 
 
-class HeldOutBatch:
-    """Ray Data map: rows (uri, target) -> the fixed-size inputs of :func:`held_out_input`."""
-
-    def __init__(self, *, size: int, max_pixels: int):
-        self.size, self.max_pixels = size, max_pixels
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, targets = [], []
-        for uri, target in zip(batch["uri"], batch["target"]):
-            try:
-                images.append(held_out_input(decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels),
-                                             self.size))
-                targets.append(np.asarray(target, np.float32))
-            except (ImageDecodeError, OSError):
-                continue  # quarantined by the CAM stage
-        if not images:
-            return {"image": np.zeros((0, 3, self.size, self.size), np.float32),
-                    "target": np.zeros((0, len(batch["target"][0]) if len(batch["target"]) else 0), np.float32)}
-        return {"image": np.stack(images), "target": np.stack(targets)}
-
-
 @torch.no_grad()
 def held_out_map(model: torch.nn.Module, batches, device: torch.device) -> tuple[float, int]:
     """(classification mAP, images) of ``model`` over batches {"image", "target"} (eval mode)."""
@@ -121,11 +100,18 @@ def train_cam_loop(config: dict[str, Any]) -> dict[str, Any]:
         import ray.train.torch
 
         def score(net: torch.nn.Module) -> float:
-            # Every rank sees every held-out image (the dataset is not split): the same score
-            # everywhere, so every rank takes the same stop decision.
-            batches = ray.train.get_dataset_shard("held_out").iter_torch_batches(
-                batch_size=8, device=ray.train.torch.get_device())
-            return held_out_map(net, batches, ray.train.torch.get_device())[0]
+            # Rank 0 scores every held-out image (at most eval.max_classification_images, decoded
+            # here); every rank gets its score, so every rank takes the same stop decision.
+            import torch.distributed as dist
+
+            device = ray.train.torch.get_device()
+            value = torch.zeros(1, dtype=torch.float64, device=device)
+            if ray.train.get_context().get_world_rank() == 0:
+                batches = held_out_batches(config["held_out_rows"], config["crop_size"], config["max_pixels"])
+                value[0] = held_out_map(common.unwrap(net), batches, device)[0]
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(value, src=0)
+            return float(value[0])
 
     return common.fit_epochs("train_cam", model, optimizer, config, loss_fn, score=score)
 
@@ -142,20 +128,28 @@ def cam_train_dataset(table_ref, cfg: Config):
         num_cpus=0.5)
 
 
-def held_out_dataset(table_ref, cfg: Config):
-    """Ray Dataset of the held-out images (uri, target) as fixed-size inputs."""
-    import ray.data
-
-    return dataset(table_ref, 16).map_batches(
-        HeldOutBatch, fn_constructor_kwargs={"size": cfg.train_cam.crop_size, "max_pixels": cfg.data.max_pixels},
-        batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=0.25)
+def held_out_batches(rows: list[dict[str, Any]], size: int, max_pixels: int):
+    """Batches {"image", "target"} of held-out rows (uri, target), fitted by :func:`held_out_input`;
+    images that do not decode are left out (the CAM stage quarantines them)."""
+    images, targets = [], []
+    for row in rows:
+        try:
+            images.append(held_out_input(decode_image(storage.read_bytes(row["uri"]), max_pixels=max_pixels), size))
+        except (ImageDecodeError, OSError):
+            continue
+        targets.append(np.asarray(row["target"], np.float32))
+        if len(images) == 8:
+            yield {"image": np.stack(images), "target": np.stack(targets)}
+            images, targets = [], []
+    if images:
+        yield {"image": np.stack(images), "target": np.stack(targets)}
 
 
 def train_cam(cfg: Config, table_ref, num_images: int, classes: list[str], *, name: str = "cam",
-              held_out_ref=None) -> dict[str, Any]:
+              held_out_rows: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Train on the ``num_images`` rows (uri, target) behind ``table_ref`` (plan.cam_training_rows)
     and export ``<root>/models/cam/model.pt``; with ``train_cam.select_best``, every epoch is scored
-    on the held-out rows behind ``held_out_ref`` and the best one exported.
+    on ``held_out_rows`` (uri, target) and the best one exported.
 
     Reruns resume from the latest checkpoint of the run named ``name`` under ``<root>/models``.
     """
@@ -163,12 +157,10 @@ def train_cam(cfg: Config, table_ref, num_images: int, classes: list[str], *, na
     max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers)
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
-    loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step, "seed": cfg.run.seed}
-    datasets = {"train": cam_train_dataset(table_ref, cfg)}
-    if section.select_best:
-        datasets["held_out"] = held_out_dataset(held_out_ref, cfg)
+    loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step, "seed": cfg.run.seed,
+                   "held_out_rows": list(held_out_rows), "max_pixels": cfg.data.max_pixels}
     result = common.run_trainer(
-        train_cam_loop, loop_config, datasets, root=cfg.run.root,
+        train_cam_loop, loop_config, {"train": cam_train_dataset(table_ref, cfg)}, root=cfg.run.root,
         name=name, num_workers=section.num_workers, use_gpu=section.use_gpu,
         cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures)
     return common.export_model(result, layout.model_file(cfg.run.root, "cam"),
@@ -200,17 +192,10 @@ def classifier_quality(root: str, rows: list[dict[str, Any]], classes: list[str]
     from pipeline.train.common import load_trained
 
     net = load_trained(root, "cam", num_classes=len(classes))
-    images, targets = [], []
-    for row in rows:
-        try:
-            images.append(held_out_input(decode_image(storage.read_bytes(row["uri"]), max_pixels=max_pixels), size))
-        except (ImageDecodeError, OSError):
-            continue  # quarantined by the CAM stage
-        targets.append(multi_hot(row["labels"], classes))
-    if not images:
+    batches = list(held_out_batches([{"uri": r["uri"], "target": multi_hot(r["labels"], classes)} for r in rows],
+                                    size, max_pixels))
+    if not batches:
         return None
-    batches = [{"image": np.stack(images[i:i + 8]), "target": np.stack(targets[i:i + 8])}
-               for i in range(0, len(images), 8)]
     result, count = held_out_map(net, batches, torch.device("cpu"))
-    target = np.stack(targets)
+    target = np.concatenate([b["target"] for b in batches])
     return {"images": count, "map": result, "chance": float(np.mean([t.mean() for t in target.T if t.any()]))}

@@ -87,7 +87,7 @@ def _mean_displacement(model: torch.nn.Module, shard, device: torch.device, batc
     import torch.distributed as dist
 
     total, count = torch.zeros(2, dtype=torch.float64, device=device), torch.zeros(1, dtype=torch.float64, device=device)
-    model.train()  # raw output: no mean subtracted (frozen BN makes train/eval identical otherwise)
+    model.eval()  # the mean displacement is still zero: raw output, BatchNorm on its statistics
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
             with common.autocast(device, bf16):
@@ -108,12 +108,14 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(config["seed"])  # same initial branch weights on every rank and every run
     if config["backbone_init"] == "cam":
-        model = build_irnet(depth=config["depth"], cam_state_dict=common.load_exported(config["cam_model_uri"]))
+        model = build_irnet(depth=config["depth"], cam_state_dict=common.load_exported(config["cam_model_uri"]),
+                            from_scratch=config["from_scratch"])
     else:
-        model = build_irnet(depth=config["depth"], backbone_init=backbone_source(config["backbone_init"]))
+        model = build_irnet(depth=config["depth"], backbone_init=backbone_source(config["backbone_init"]),
+                            from_scratch=config["from_scratch"])
     boundary_params, displacement_params = model.parameter_groups()
     optimizer = common.make_optimizer([(boundary_params, config["lr"]), (displacement_params, 10 * config["lr"])],
-                                      config["weight_decay"])
+                                      config["weight_decay"], config["optimizer"])
     radius = config["radius"]
 
     def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
