@@ -1,10 +1,11 @@
 """Materialise a labels version as a plain folder:
-``python -m jobs.export --root R [--version V] --format voc|coco --out DIR [--with-images]``.
+``python -m jobs.export --root R [--version V] --format voc|coco|yolo --out DIR [--with-images]``.
 
 voc: SegmentationClass/ (palette PNGs), SegmentationObject/ (8-bit instance PNGs),
-ImageSets/Segmentation/all.txt and coco.json; coco: coco.json. ``--with-images`` also copies each
+ImageSets/Segmentation/all.txt and coco.json; coco: coco.json; yolo: labels/<id>.txt
+(segmentation polygons, one line per object part) and data.yaml. ``--with-images`` also copies each
 source image (JPEGImages/ or images/, named ``<image_id><ext>``, the COCO file names then match).
-The version defaults to LATEST. Files are copied by Ray tasks (server-side on S3).
+The version defaults to LATEST. Files are written by Ray tasks (server-side copies on S3).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     init_ray(from_dict({}))
     summary = export_version(args.root, version, args.out, fmt=args.format, classes=classes,
                              with_images=args.with_images)
-    print(f"exported {version}: {summary['images']} images, {summary['annotations']} annotations -> {args.out}")
+    annotations = "" if summary["annotations"] is None else f", {summary['annotations']} annotations"
+    print(f"exported {version}: {summary['images']} images{annotations} -> {args.out}")
     return summary
 
 

@@ -126,6 +126,8 @@ class TrainIrnConfig:
     depth: Literal[18, 34, 50, 101] = 50
     backbone_init: str = "imagenet"  # imagenet (the official code) | cam | none | a weights file URI
     use_model: str = ""  # a trained IRNet to use instead of training (irn-ray or official .pth)
+    from_scratch: bool = False  # the backbone trains too, updating BatchNorm (no pretrained weights)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     batch_size: int = 32
     epochs: int = 3
     max_steps: int | None = None
@@ -175,6 +177,37 @@ class EvalConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    """Mask R-CNN / DeepLab trained on a labels version (jobs.train_segmenter; paper Sec. 6.3-6.4).
+
+    Defaults follow torchvision's reference scripts (segmentation: SGD 0.01, momentum 0.9, poly,
+    520/480 resize/crop; detection: SGD 0.02, hflip, 800/1333 resizing) with ImageNet backbones.
+    """
+
+    model: Literal["deeplab", "maskrcnn"] = "deeplab"
+    labels: Literal["pseudo", "ground_truth", "both"] = "pseudo"  # ground_truth: the upper bound
+    backbone_init: str = "imagenet"  # imagenet | none (from scratch) | a ResNet-50 weights file URI
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 16
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    base_size: int = 520  # DeepLab: shorter side resized to [0.5, 2.0] x base_size, then cropped
+    crop_size: int = 480
+    min_size: int = 800  # Mask R-CNN's own resizing
+    max_size: int = 1333
+    eval_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])  # DeepLab inference
+    mask_threshold: float = 0.5  # Mask R-CNN mask probability
+    num_workers: int = 1
+    use_gpu: bool = False
+    bf16: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+
+
+@dataclass
 class Config:
     """The resolved configuration of one run."""
 
@@ -187,6 +220,7 @@ class Config:
     train_irn: TrainIrnConfig = field(default_factory=TrainIrnConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,10 +313,15 @@ def _validate(cfg: Config) -> None:
         "synthesis.num_actors": cfg.synthesis.num_actors, "data.max_pixels": cfg.data.max_pixels,
         "cams.batch_size": cfg.cams.batch_size, "synthesis.batch_size": cfg.synthesis.batch_size,
         "run.shard_rows": cfg.run.shard_rows, "run.io_cpus": cfg.run.io_cpus,
+        "segmenter.epochs": cfg.segmenter.epochs, "segmenter.batch_size": cfg.segmenter.batch_size,
+        "segmenter.crop_size": cfg.segmenter.crop_size, "segmenter.num_workers": cfg.segmenter.num_workers,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.segmenter.model == "deeplab" and cfg.segmenter.batch_size < 2 * cfg.segmenter.num_workers:
+        raise ConfigError(f"segmenter.batch_size: DeepLab's BatchNorm needs at least 2 images per worker; set it to "
+                          f">= {2 * cfg.segmenter.num_workers} for segmenter.num_workers={cfg.segmenter.num_workers}")
     for key, pair in (("train_cam.resize_long", cfg.train_cam.resize_long),
                       ("train_irn.rescale", cfg.train_irn.rescale)):
         if len(pair) != 2 or pair[0] <= 0 or pair[0] > pair[1]:
@@ -349,7 +388,7 @@ def resolve_local_paths(cfg: Config) -> Config:
     cfg.train_cam.use_model = absolute(cfg.train_cam.use_model)
     cfg.cams.source = absolute(cfg.cams.source)
     cfg.train_irn.use_model = absolute(cfg.train_irn.use_model)
-    for section in (cfg.train_cam, cfg.train_irn):
+    for section in (cfg.train_cam, cfg.train_irn, cfg.segmenter):
         if section.backbone_init not in ("none", "imagenet", "cam"):
             section.backbone_init = absolute(section.backbone_init)
     return cfg

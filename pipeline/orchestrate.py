@@ -166,13 +166,14 @@ def stage_train_cam(run: Run) -> dict[str, Any]:
 
         table_ref, count_ref, chance_ref = common.run_task(plan.cam_training_rows, run.manifest_dir, run.classes,
                                                            num_returns=3, num_cpus=run.cfg.run.io_cpus)
-        held_out_ref = None
-        if run.cfg.train_cam.select_best:
-            held_out_ref = common.run_task(plan.cam_training_rows, run.manifest_dir, run.classes, held_out=True,
-                                           limit=run.cfg.eval.max_classification_images, num_returns=3,
-                                           num_cpus=run.cfg.run.io_cpus)[0]
+        held_out: list[dict[str, Any]] = []
+        if run.cfg.train_cam.select_best:  # at most eval.max_classification_images rows: small
+            held_out = common.get(common.run_task(
+                plan.cam_training_rows, run.manifest_dir, run.classes, held_out=True,
+                limit=run.cfg.eval.max_classification_images, num_returns=3, num_cpus=run.cfg.run.io_cpus)[0]
+            ).select(["uri", "target"]).to_pylist()
         run.state.update_stage("train_cam", chance_loss=common.get(chance_ref))
-        return train_cam(run.cfg, table_ref, common.get(count_ref), run.classes, name=name, held_out_ref=held_out_ref)
+        return train_cam(run.cfg, table_ref, common.get(count_ref), run.classes, name=name, held_out_rows=held_out)
 
     counts = _train_network(run, "cam", key, train)
     quality = held_out_quality(run)
@@ -324,6 +325,9 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
             result["ablations"][method] = evaluate_labels(cfg, run.manifest_dir, directory, run.classes,
                                                           name=f"evaluate {method}")
     result["cam_classification"] = run.state.stage("train_cam").get("held_out")
+    from pipeline.segment import segmenter_results
+
+    result["segmenters"] = segmenter_results(run.root)
     storage.write_text(metrics_uri(run.root), json.dumps(ledger.to_json_safe(result), indent=2, sort_keys=True))
     run.state.update_stage("evaluate", key=key)
     full = result["irnet"]

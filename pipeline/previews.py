@@ -26,9 +26,7 @@ def preview_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str
                  count: int) -> list[dict[str, Any]]:
     """Task: the first ``count`` images of a version's index (by id) with their CAM shards."""
     index = ledger.read_index(labels_dir, ["image_id", "uri", "semantic_uri", "instance_uri"]).slice(0, count)
-    images = plan._images(manifest_dir, classes, cams_key)
-    images = ledger.join_rows(images, index.select(["image_id"]), ["image_id"], "left semi")
-    current = ledger.current_cams(images, plan._cam_rows(root))
+    current = plan.current_cams(root, manifest_dir, classes, cams_key, image_ids=index.column("image_id"))
     rows = ledger.join_rows(index, current.select(["image_id", "cam_shard"]), ["image_id"], "inner", extra=["cam_shard"])
     return rows.to_pylist()
 
@@ -80,8 +78,12 @@ def build_report(run) -> dict[str, Any]:
     if version is None:
         return {"_skipped": True, "reason": "no labels"}
     metrics = json.loads(storage.read_text(metrics_uri(run.root))) if storage.exists(metrics_uri(run.root)) else None
+    from pipeline.segment import comparison_rows, segmenter_results
+
+    segmenters = segmenter_results(run.root)
     key = ledger.fingerprint({"version": version, "metrics": run.state.stage("evaluate").get("key"),
-                              "previews": run.cfg.eval.num_previews})
+                              "previews": run.cfg.eval.num_previews,
+                              "segmenters": {k: v.get("metrics") for k, v in segmenters.items()}})
     index = storage.join(layout.report_dir(run.root), "index.html")
     if storage.exists(index) and run.state.stage("report").get("key") == key and "report" not in run.force:
         return {"_skipped": True, "uri": index}
@@ -109,6 +111,12 @@ def build_report(run) -> dict[str, Any]:
     tables = [{"title": "Label health", "header": ["figure", "value"],
                "rows": [[name.replace("_", " "), value] for name, value in health.items()],
                "notes": summary.get("health_warnings", [])}] if health else []
+    if segmenters:
+        tables.append({"title": "Models trained on the labels (paper Tables 3-4)",
+                       "header": ["model", "metric", "pseudo labels", "ground truth", "pseudo / ground truth"],
+                       "rows": comparison_rows(segmenters),
+                       "notes": [f"evaluated on the held-out images with ground truth; trained on "
+                                 f"{v.get('train_images')} images ({k})" for k, v in sorted(segmenters.items())]})
     html_text = render_report(title=f"irn-ray labels {version}", summary=overview, stage_rows=stage_rows,
                               class_rows=_class_rows(run, summary, metrics), metrics=headline,
                               ablation_rows=ablations, previews=make_previews(run, version, run.cfg.eval.num_previews),

@@ -13,6 +13,8 @@ def test_defaults_are_the_papers():
     assert (cfg.relations.fg_threshold, cfg.relations.bg_threshold) == (0.30, 0.05)
     assert cfg.relations.crf_gt_prob == 0.7 and cfg.relations.crf_iterations == 10
     assert cfg.train_irn.batch_size == 32 and cfg.train_irn.epochs == 3 and cfg.train_irn.radius == 10
+    assert cfg.train_irn.backbone_init == "imagenet"  # the official code's, not the CAM network's
+    assert cfg.run.min_cam_map > 0 and cfg.segmenter.eval_scales == [0.5, 1.0, 1.5, 2.0]
     assert (cfg.synthesis.beta, cfg.synthesis.steps, cfg.synthesis.radius) == (10.0, 256, 5)
     assert cfg.synthesis.centroid_threshold == 2.5 and cfg.synthesis.min_fragment == 0.01
 
@@ -52,6 +54,11 @@ def test_overrides_parse_lists_numbers_and_bools():
     ("data.classes=[a, a]", "data.classes"),
     ("train_cam=3", "train_cam"),
     ("novalue", "novalue"),
+    ("train_irn.crop_size=158", "train_irn.crop_size"),
+    ("run.min_cam_map=1.5", "run.min_cam_map"),
+    ("segmenter.model=unet", "segmenter.model"),
+    ("segmenter.num_workers=8", "segmenter.batch_size"),  # DeepLab: 8 images over 8 workers is 1 per BatchNorm
+    ("cams.source=/somewhere", "train_irn.backbone_init"),  # demo.yaml's 'cam' backbone needs a CAM network
 ])
 def test_bad_configuration_names_the_key(override, named):
     with pytest.raises(ConfigError) as err:

@@ -335,6 +335,12 @@ def test_export_status_of_the_labelled_run(labelled, tmp_path):
         assert np.array_equal(objects, _png_array(storage.resolve(row["instance_uri"], labels_dir)))
         (image,) = [im for im in coco.dataset["images"] if im["file_name"].startswith(row["image_id"] + ".")]
         assert (tmp_path / "voc" / "JPEGImages" / image["file_name"]).read_bytes() == storage.read_bytes(row["uri"])
+    yolo = export.main(["--root", root, "--format", "yolo", "--out", str(tmp_path / "yolo")])
+    assert yolo["images"] == len(index)
+    assert sorted(os.listdir(tmp_path / "yolo" / "labels")) == sorted(f"{r['image_id']}.txt" for r in index)
+    assert f"  3: {CLASSES[3]}" in (tmp_path / "yolo" / "data.yaml").read_text()
+    lines = sum(len((tmp_path / "yolo" / "labels" / f"{r['image_id']}.txt").read_text().splitlines()) for r in index)
+    assert lines >= sum(r["num_instances"] for r in index)  # one line per connected part of each instance
     plain = export.main(["--root", root, "--format", "coco", "--out", str(tmp_path / "coco")])
     assert plain["annotations"] == len(coco.dataset["annotations"])
     assert sorted(os.listdir(tmp_path / "coco")) == ["coco.json"]
@@ -416,8 +422,7 @@ def test_tune_sweeps_thresholds_on_the_stored_cams(labelled):
     config = state["config"]
     manifest_dir = layout.manifest_dir(root, state["manifest"]["stamp"])
     manifest = {r["image_id"]: r for r in read_manifest(manifest_dir).to_pylist()}
-    current = ledger.current_cams(plan._images(manifest_dir, CLASSES, state["stages"]["cams"]["key"]),
-                                  plan._cam_rows(root))
+    current = plan.current_cams(root, manifest_dir, CLASSES, state["stages"]["cams"]["key"])
     shards = dict(zip(current.column("image_id").to_pylist(), current.column("cam_shard").to_pylist()))
     net = load_trained(root, "irn")
     matrix = 0

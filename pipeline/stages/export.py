@@ -1,8 +1,9 @@
 """Materialise a labels version as a plain folder, and delete versions no one keeps.
 
 ``export_version`` writes a VOC-style folder (``SegmentationClass/``, ``SegmentationObject/``,
-``ImageSets/Segmentation/all.txt``, and ``coco.json``) or a COCO folder (``coco.json`` and, with
-images, ``images/``); files are copied by Ray tasks (server-side on object stores), so the driver
+``ImageSets/Segmentation/all.txt``, and ``coco.json``), a COCO folder (``coco.json`` and, with
+images, ``images/``) or a YOLO segmentation folder (``labels/<id>.txt`` polygons, ``data.yaml``,
+``images/``); files are written by Ray tasks (copied server-side on object stores), so the driver
 only plans. ``retain`` deletes published versions older than the last K and every output of them
 that no kept version's index references.
 """
@@ -23,7 +24,7 @@ from pipeline.stages import common
 from pipeline.stages.coco import image_file_name
 
 log = logging.getLogger(__name__)
-FORMATS = ("voc", "coco")
+FORMATS = ("voc", "coco", "yolo")
 
 
 def voc_object_png(instance_png: bytes) -> bytes:
@@ -48,15 +49,54 @@ def export_rows(batch: dict[str, np.ndarray], *, labels_dir: str, out: str, fmt:
             instance = storage.read_bytes(storage.resolve(str(instance_uri), labels_dir))
             storage.write_bytes(storage.join(out, "SegmentationObject", f"{image_id}.png"), voc_object_png(instance))
         if with_images:
-            folder = "JPEGImages" if fmt == "voc" else "images"
+            folder = "JPEGImages" if fmt == "voc" else "images"  # coco, yolo
             storage.copy(str(uri), storage.join(out, folder, image_file_name(image_id, str(uri))))
         statuses.append("exported")
+    return common.status_batch(statuses)
+
+
+def yolo_lines(instances: list[dict], height: int, width: int, *, tolerance: float = 0.5) -> str:
+    """YOLO segmentation label text of an image's instance rows: one line per connected part of
+    each instance, ``class x1 y1 x2 y2 ...`` with 0-based class and coordinates in [0, 1] of the
+    image's width/height (pixel edges; holes are kept by a zero-width cut, see
+    pipeline.algorithms.polygons)."""
+    from pycocotools import mask as mask_utils
+
+    from pipeline.algorithms.polygons import mask_to_polygons
+
+    lines = []
+    for row in sorted(instances, key=lambda r: r["instance_id"]):
+        mask = mask_utils.decode({"size": [row["height"], row["width"]], "counts": row["rle_counts"].encode()})
+        for xy in mask_to_polygons(mask.astype(bool), tolerance=tolerance):
+            coords = np.column_stack([(xy[:, 0] + 0.5) / width, (xy[:, 1] + 0.5) / height]).clip(0, 1).ravel()
+            lines.append(f"{row['class_id'] - 1} " + " ".join(f"{v:.6f}" for v in coords))
+    return "".join(line + "\n" for line in lines)
+
+
+def export_yolo_shard(batch: dict[str, np.ndarray], *, labels_dir: str, out: str) -> dict[str, np.ndarray]:
+    """Task per instance shard: the YOLO label files of its images."""
+    statuses = []
+    for shard, ids, heights, widths in zip(batch["instances_uri"], batch["image_id_list"], batch["height_list"],
+                                           batch["width_list"]):
+        rows = codecs.read_parquet(storage.resolve(str(shard), labels_dir), filters=[("image_id", "in", list(ids))])
+        by_image: dict[str, list[dict]] = {}
+        for row in rows.to_pylist():
+            by_image.setdefault(row["image_id"], []).append(row)
+        for image_id, height, width in zip(ids, heights, widths):
+            storage.write_text(storage.join(out, "labels", f"{image_id}.txt"),
+                               yolo_lines(by_image.get(str(image_id), []), int(height), int(width)))
+            statuses.append("exported")
     return common.status_batch(statuses)
 
 
 def _index_columns(labels_dir: str) -> tuple[pa.Table, int]:
     table = ledger.read_index(labels_dir, ["image_id", "uri", "semantic_uri", "instance_uri"])
     return table, table.num_rows
+
+
+def _yolo_groups(labels_dir: str) -> pa.Table:
+    index = ledger.read_index(labels_dir, ["image_id", "instances_uri", "height", "width"])
+    return index.group_by("instances_uri").aggregate([("image_id", "list"), ("height", "list"), ("width", "list")])
 
 
 def export_version(root: str, version: str, out: str, *, fmt: str, classes: list[str], with_images: bool = False,
@@ -78,6 +118,14 @@ def export_version(root: str, version: str, out: str, *, fmt: str, classes: list
         common.summarise(ds, StageProgress(f"export {fmt}", total))
     if fmt == "voc":
         common.get(common.run_task(_write_image_set, rows_ref, out, num_cpus=io_cpus))
+    if fmt == "yolo":
+        ds = common.dataset(common.run_task(_yolo_groups, labels_dir, num_cpus=io_cpus), 1).map_batches(
+            export_yolo_shard, batch_size=1, batch_format="numpy", num_cpus=1,
+            fn_kwargs={"labels_dir": labels_dir, "out": out})
+        common.summarise(ds, StageProgress("export yolo labels", total))
+        names = "".join(f"  {i}: {name}\n" for i, name in enumerate(classes))
+        storage.write_text(storage.join(out, "data.yaml"), f"path: {out}\ntrain: images\nval: images\nnames:\n{names}")
+        return {"images": total, "annotations": None, "out": out, "format": fmt}
     names = "id+ext" if with_images else "id"
     coco = common.get(common.run_task(write_coco, labels_dir, classes, out_uri=storage.join(out, "coco.json"),
                                       file_names=names, num_cpus=io_cpus))

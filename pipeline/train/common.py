@@ -25,13 +25,13 @@ def poly_lr(base_lr: float, step: int, max_step: int, power: float) -> float:
 
 
 def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], weight_decay: float,
-                   kind: str = "sgd") -> torch.optim.Optimizer:
-    """The paper's SGD without momentum, or AdamW (training from scratch); each group is
+                   kind: str = "sgd", momentum: float = 0.0) -> torch.optim.Optimizer:
+    """SGD (the paper's: without momentum), or AdamW (training from scratch); each group is
     (params, base learning rate), decayed by the poly schedule either way."""
     params = [{"params": p, "lr": lr, "initial_lr": lr} for p, lr in groups if p]
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=groups[0][1], weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=groups[0][1], momentum=0.0, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=groups[0][1], momentum=momentum, weight_decay=weight_decay)
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_step: int, power: float) -> None:
@@ -80,7 +80,8 @@ class Progress:
 def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
                loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
                finish: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
-               score: Callable[[torch.nn.Module], float] | None = None) -> dict[str, Any]:
+               score: Callable[[torch.nn.Module], float] | None = None,
+               batches: Callable[..., Any] | None = None) -> dict[str, Any]:
     """The per-worker training loop both networks share (inside a Ray Train worker).
 
     Resumes model, optimizer, epoch and step from the latest checkpoint; applies the poly
@@ -88,7 +89,8 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     ``finish(model)`` runs once after the last step (before the last checkpoint) and may add metrics.
     With ``score(model)`` (the same value on every rank) each epoch is scored, the best epoch's
     weights travel in the checkpoints as ``best_model`` (what is exported) and training stops once
-    ``config["patience"]`` epochs (if set) have not improved on it.
+    ``config["patience"]`` epochs (if set) have not improved on it. ``batches(shard, batch_size,
+    seed, device)`` replaces the default tensor batches (for inputs of different sizes).
     """
     import ray.train
     import ray.train.torch
@@ -116,12 +118,13 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     for epoch in range(start_epoch, epochs):
         model.train()
         losses = []
-        for batch in shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
-                                              local_shuffle_buffer_size=4 * per_worker_batch,
-                                              local_shuffle_seed=config["seed"] + 1000 * epoch + rank):
+        seed = config["seed"] + 1000 * epoch + rank
+        for batch in (batches(shard, per_worker_batch, seed, device) if batches else shard.iter_torch_batches(
+                batch_size=per_worker_batch, device=device, local_shuffle_buffer_size=4 * per_worker_batch,
+                local_shuffle_seed=seed, drop_last=config.get("drop_last", False))):
             if step >= max_step:
                 break
-            if device.type == "cuda":
+            if device.type == "cuda" and torch.is_tensor(batch["image"]):
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             set_poly_lr(optimizer, step, max_step, config["poly_power"])
             loss = loss_fn(model, batch)
@@ -137,7 +140,7 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         final = step >= max_step or epoch == epochs - 1
         if score is not None:
             metrics["held_out_map"] = score(model)
-            if not best or metrics["held_out_map"] > best["best_score"]:
+            if not best or metrics["held_out_map"] >= best["best_score"]:  # ties: the longer-trained
                 best = {"best_model": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
                         "best_score": metrics["held_out_map"], "best_epoch": epoch, "best_metrics": dict(metrics)}
             patience = config.get("patience")
@@ -146,6 +149,9 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                             name, patience, epoch, best["best_epoch"], best["best_score"])
                 final = True
             metrics.update(best_epoch=best["best_epoch"], best_held_out_map=best["best_score"])
+            if rank == 0:
+                log.warning("%s: epoch %d held-out mAP %.3f (best %.3f at epoch %d)", name, epoch,
+                            metrics["held_out_map"], best["best_score"], best["best_epoch"])
         if final and finish is not None:
             metrics.update(finish(model))
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,157 @@
+"""Training segmenters on labels: joint augmentation keeps image and labels aligned; polygons and
+YOLO lines round-trip to the masks; evaluation metrics on hand-made cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from pipeline.algorithms.polygons import mask_to_polygons, polygons_to_mask
+from pipeline.data.segmentation import instance_masks, instance_train_sample, mask_boxes, semantic_train_sample
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _coded(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose red channel encodes its label map (label * 40 + 20), blocky so that
+    nearest/bilinear resizing agree away from block edges."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 5, size=(height // 8 + 1, width // 8 + 1))
+    label = np.kron(blocks, np.ones((8, 8), np.int64))[:height, :width].astype(np.uint8)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = label * 40 + 20
+    image[..., 1] = rng.integers(0, 255)
+    return image, label
+
+
+def _red(x: np.ndarray) -> np.ndarray:
+    """Un-normalised red channel of a float32 [3, H, W] network input."""
+    return (x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255.0
+
+
+def test_semantic_augmentation_moves_image_and_label_together():
+    image, label = _coded(70, 90)
+    for seed in range(8):
+        x, target = semantic_train_sample(image, label, np.random.default_rng(seed), base_size=64, crop_size=56)
+        assert x.shape == (3, 56, 56) and target.shape == (56, 56) and target.dtype == np.int64
+        valid = target != 255
+        assert valid.any()
+        # Away from block edges the decoded red value gives back the label exactly.
+        interior = ndimage.binary_erosion(valid & (ndimage.maximum_filter(target, 3) == ndimage.minimum_filter(target, 3)))
+        decoded = np.round((_red(x) - 20) / 40)
+        assert np.array_equal(decoded[interior], target[interior])
+        padding = ~valid  # padded label is ignore; padded image is the mean colour (0 after normalising)
+        assert np.allclose(x[:, padding], 0)
+
+
+def test_instance_augmentation_flips_masks_with_the_image_and_boxes_enclose_them():
+    image, label = _coded(40, 60, seed=3)
+    ids = np.zeros((40, 60), np.uint16)
+    ids[5:15, 4:20], ids[20:35, 30:58] = 1, 2
+    masks, classes = instance_masks(ids, {1: 3, 2: 1, 7: 2})
+    assert classes.tolist() == [3, 1] and masks.shape == (2, 40, 60)
+    seen = set()
+    for seed in range(6):
+        x, out_masks, boxes = instance_train_sample(image, masks, np.random.default_rng(seed))
+        flipped = not np.array_equal(out_masks, masks)
+        seen.add(flipped)
+        expected = masks[:, :, ::-1] if flipped else masks
+        assert np.array_equal(out_masks, expected)
+        red = x[0] * 255.0
+        reference = image[:, ::-1, 0] if flipped else image[..., 0]
+        assert np.allclose(red, reference, atol=1e-3)
+        for mask, (x0, y0, x1, y1) in zip(out_masks, boxes):
+            ys, xs = np.nonzero(mask)
+            assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert seen == {True, False}
+    assert mask_boxes(np.zeros((1, 4, 4), bool)).tolist() == [[0, 0, 0, 0]]
+    assert instance_masks(np.zeros((4, 4), np.uint16), {1: 1})[0].shape == (0, 4, 4)
+
+
+def _within_one_pixel_of_the_boundary(mask: np.ndarray, other: np.ndarray) -> bool:
+    square = np.ones((3, 3), bool)
+    boundary = ndimage.binary_dilation(mask, structure=square) & ~ndimage.binary_erosion(mask, structure=square)
+    return not ((mask ^ other) & ~boundary).any()
+
+
+def _shapes() -> dict[str, np.ndarray]:
+    yy, xx = np.mgrid[0:60, 0:80]
+    disc = (yy - 30) ** 2 + (xx - 40) ** 2 <= 20 ** 2
+    ring = disc & ((yy - 30) ** 2 + (xx - 40) ** 2 >= 10 ** 2)
+    two = disc & (xx > 30)
+    two[3:9, 60:78] = True
+    cross = ((np.abs(yy - 30) < 4) & (np.abs(xx - 40) < 25)) | ((np.abs(xx - 40) < 4) & (np.abs(yy - 30) < 25))
+    thin = np.zeros((60, 80), bool)
+    thin[10, 5:70] = True
+    return {"disc": disc, "ring": ring, "two parts": two, "cross": cross, "thin": thin}
+
+
+@pytest.mark.parametrize("name", list(_shapes()))
+def test_polygons_rasterise_back_to_the_mask_within_a_pixel_of_its_boundary(name):
+    mask = _shapes()[name]
+    polygons = mask_to_polygons(mask)
+    assert len(polygons) == (2 if name == "two parts" else 1)
+    assert _within_one_pixel_of_the_boundary(mask, polygons_to_mask(polygons, mask.shape))
+
+
+def test_yolo_lines_round_trip(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from pipeline.stages.export import yolo_lines
+
+    shapes = _shapes()
+    rows = []
+    for i, name in enumerate(("ring", "two parts", "cross"), start=1):
+        rle = mask_utils.encode(np.asfortranarray(shapes[name].astype(np.uint8)))
+        rows.append({"instance_id": i, "class_id": i, "height": 60, "width": 80,
+                     "rle_counts": rle["counts"].decode("ascii")})
+    lines = yolo_lines(rows, 60, 80).splitlines()
+    assert [int(line.split()[0]) for line in lines] == [0, 1, 1, 2]  # 0-based classes, two parts -> two lines
+    for name, class_index in (("ring", 0), ("two parts", 1), ("cross", 2)):
+        polygons = []
+        for line in lines:
+            values = line.split()
+            if int(values[0]) != class_index:
+                continue
+            coords = np.array(values[1:], float).reshape(-1, 2)
+            assert (coords >= 0).all() and (coords <= 1).all()
+            polygons.append(np.column_stack([coords[:, 0] * 80 - 0.5, coords[:, 1] * 60 - 0.5]))
+        assert _within_one_pixel_of_the_boundary(shapes[name], polygons_to_mask(polygons, (60, 80)))
+
+
+def test_coco_mask_ap_on_hand_made_cases():
+    from pipeline.stages.segmenter_eval import _coco_ap, _rle
+
+    a = np.zeros((20, 20), bool)
+    a[2:8, 2:8] = True
+    b = np.zeros((20, 20), bool)
+    b[10:18, 10:18] = True
+    images = [{"id": 1, "height": 20, "width": 20}]
+    gt = [{"id": k + 1, "image_id": 1, "category_id": 1, "segmentation": _rle(m), "area": float(m.sum()),
+           "iscrowd": 0, "bbox": [0, 0, 1, 1]} for k, m in enumerate((a, b))]
+    perfect = [{"image_id": 1, "category_id": 1, "segmentation": _rle(m), "score": 0.9} for m in (a, b)]
+    assert _coco_ap(images, gt, perfect, ["thing"]) == {"coco_ap": 1.0, "coco_ap50": 1.0, "coco_ap75": 1.0}
+    half = _coco_ap(images, gt, perfect[:1], ["thing"])  # one of two found: precision 1 up to recall 0.5
+    assert half["coco_ap50"] == pytest.approx(51 / 101)
+    assert _coco_ap(images, gt, [], ["thing"])["coco_ap"] == 0.0
+
+
+def test_multiscale_flip_inference_averages_the_softmax_of_every_scale_and_flip():
+    from pipeline.stages.segmenter_eval import multiscale_flip_probs
+
+    class Net(torch.nn.Module):
+        def forward(self, x):  # class 1 where the red channel is bright; position-dependent bias
+            ramp = torch.linspace(0, 1, x.shape[-1]).view(1, 1, 1, -1)
+            return {"out": torch.cat([torch.zeros_like(x[:, :1]), 3 * x[:, :1] + ramp], dim=1)}
+
+    image = np.zeros((16, 24, 3), np.uint8)
+    image[:, 12:, 0] = 255
+    probs = multiscale_flip_probs(Net(), image, [1.0])
+    assert probs.shape == (2, 16, 24) and torch.allclose(probs.sum(0), torch.ones(16, 24))
+    # At scale 1 the flip removes the ramp's left-right asymmetry: average of ramp and its mirror.
+    x = torch.from_numpy(((image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32))
+    ramp = torch.linspace(0, 1, 24)
+    expected = (torch.sigmoid(3 * x[0] + ramp) + torch.sigmoid(3 * x[0] + ramp.flip(0))) / 2
+    torch.testing.assert_close(probs[1], expected, rtol=1e-5, atol=1e-6)
+    assert multiscale_flip_probs(Net(), image, [0.5, 1.0, 2.0]).shape == (2, 16, 24)
