@@ -11,7 +11,7 @@ import logging
 
 from jobs import _cli
 from pipeline.io import layout, storage
-from pipeline.orchestrate import STAGES, QualityGateError, run_label
+from pipeline.orchestrate import STAGES, QualityGateError, cam_skill, run_label
 from pipeline.stages.evaluate import metrics_uri
 
 
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{method:>13}: mIoU {miou}  {aps}")
         if (metrics.get("cam_classification") or {}).get("images"):
             cls = metrics["cam_classification"]
-            print(f"CAM classifier mAP on {cls['images']} held-out images: {cls['map']:.3f} (chance {cls['chance']:.3f})")
+            print(f"CAM classifier mAP on {cls['images']} held-out images: {cls['map']:.3f} (chance {cls['chance']:.3f}, "
+                  f"skill {cam_skill(cls):.2f})")
     print(f"wall time: {state['last_run']['seconds']:.0f} s")
     return state
 

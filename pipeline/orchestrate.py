@@ -203,9 +203,16 @@ def held_out_quality(run: Run) -> dict[str, Any] | None:
     return record
 
 
+def cam_skill(held_out: dict[str, Any]) -> float:
+    """(mAP - chance) / (1 - chance) of a held-out measurement: 0 at chance, 1 when perfect."""
+    chance = held_out["chance"]
+    return (held_out["map"] - chance) / (1 - chance) if chance < 1 else 1.0
+
+
 def quality_gate(run: Run) -> None:
-    """Stop before anything is published when the CAM network did not learn: its held-out mAP
-    below ``run.min_cam_map``, or its final training loss near the chance loss."""
+    """Stop before anything is published when the CAM network did not learn well enough: its
+    held-out mAP below ``run.min_cam_map`` or its skill over chance below ``run.min_cam_skill``,
+    or its final training loss near the chance loss."""
     gate = run.cfg.run.min_cam_map
     stage = run.state.stage("train_cam")
     if gate <= 0 or run.cfg.cams.source or not stage.get("held_out"):
@@ -214,9 +221,14 @@ def quality_gate(run: Run) -> None:
     if not held_out.get("images"):
         log.warning("quality gate: no held-out image to measure the CAM network on; not checked")
         return
+    measured = (f"the CAM classifier's held-out mAP is {held_out['map']:.3f} on {held_out['images']} images "
+                f"(chance {held_out['chance']:.3f})")
+    skill = cam_skill(held_out)
     if held_out["map"] < gate:
-        problems.append(f"the CAM classifier's held-out mAP is {held_out['map']:.3f} on {held_out['images']} images, "
-                        f"below run.min_cam_map {gate:.2f} (chance {held_out['chance']:.3f})")
+        problems.append(f"{measured}, below run.min_cam_map {gate:.2f}")
+    elif skill < run.cfg.run.min_cam_skill:
+        problems.append(f"{measured}: {skill:.2f} of the way from chance to perfect, below run.min_cam_skill "
+                        f"{run.cfg.run.min_cam_skill:.2f}; its CAMs would localise poorly")
     loss, chance = (stage.get("counts") or {}).get("final_loss"), stage.get("chance_loss")
     if loss is not None and chance and loss > CHANCE_LOSS_SHARE * chance:
         problems.append(f"its final training loss {loss:.3f} is within {100 - 100 * CHANCE_LOSS_SHARE:.0f}% of "

@@ -78,6 +78,7 @@ def build_report(run) -> dict[str, Any]:
     if version is None:
         return {"_skipped": True, "reason": "no labels"}
     metrics = json.loads(storage.read_text(metrics_uri(run.root))) if storage.exists(metrics_uri(run.root)) else None
+    from pipeline.orchestrate import cam_skill
     from pipeline.segment import comparison_rows, segmenter_results
 
     segmenters = segmenter_results(run.root)
@@ -96,6 +97,7 @@ def build_report(run) -> dict[str, Any]:
     if held_out.get("images"):
         headline = headline or {}
         headline["CAM net mAP (held-out)"] = held_out["map"]
+        headline["CAM net skill over chance"] = cam_skill(held_out)
     ablations = [] if not metrics else [
         {"method": label, "miou": m["miou"], "ap50": m["ap"].get("0.5"), "ap70": m["ap"].get("0.7")}
         for label, m in (("CAM", metrics["ablations"].get("cam")),

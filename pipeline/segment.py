@@ -22,6 +22,7 @@ from pipeline.stages.evaluate import metrics_uri
 
 log = logging.getLogger(__name__)
 METRICS = {"deeplab": ("miou",), "maskrcnn": ("ap50", "ap70", "coco_ap")}
+EVALUATION_ONLY = {"eval_scales", "mask_threshold", "max_eval_images"}  # change results, not models
 
 
 def results_dir(root: str) -> str:
@@ -57,9 +58,12 @@ def _train_and_evaluate(cfg: Config, state: ledger.RunState, version: str, label
 
     section, root = cfg.segmenter, cfg.run.root
     network = f"{section.model}_{labels}"
-    settings = {k: v for k, v in ledger.settings(section, training=True).items() if k != "labels"}
-    key = ledger.fingerprint({"segmenter": settings, "labels": labels, "classes": classes,
-                              "version": version if labels == "pseudo" else None})
+    settings = ledger.settings(section, training=True)
+    key = ledger.fingerprint({"segmenter": {k: v for k, v in settings.items() if k not in EVALUATION_ONLY | {"labels"}},
+                              "labels": labels, "classes": classes, "version": version,
+                              "manifest": state.data["manifest"]["stamp"] if labels == "ground_truth" else None})
+    result_key = ledger.fingerprint({"model": key, "images": [r["image_id"] for r in eval_rows],
+                                     **{k: settings[k] for k in EVALUATION_ONLY}})
     model_uri = model_file(root, section.model, labels)
     needed, resume = ledger.needs_training(state, network, key, policy=cfg.run.retrain, forced=False,
                                            model_exists=storage.exists(model_uri))
@@ -77,15 +81,15 @@ def _train_and_evaluate(cfg: Config, state: ledger.RunState, version: str, label
         train_segmenter(cfg, table_ref, count, classes, name=name, model_uri=model_uri)
         state.update_stage(f"train_{network}", trained=True, status="done")
     result_uri = storage.join(results_dir(root), f"{section.model}-{labels}.json")
-    if not needed and storage.exists(result_uri) and json.loads(storage.read_text(result_uri)).get("key") == key:
+    if not needed and storage.exists(result_uri) and json.loads(storage.read_text(result_uri)).get("key") == result_key:
         return json.loads(storage.read_text(result_uri))
     metrics = common.get(common.run_task(
         evaluate_segmenter, model_uri, eval_rows, classes, scales=section.eval_scales,
         mask_threshold=section.mask_threshold, iou_thresholds=list(cfg.eval.iou_thresholds),
-        max_pixels=cfg.data.max_pixels, num_cpus=1))
+        max_pixels=cfg.data.max_pixels, num_cpus=1, num_gpus=1 if section.use_gpu else 0))
     meta = json.loads(storage.read_text(model_uri + ".json"))
-    result = {"model": section.model, "labels": labels, "version": version if labels == "pseudo" else None,
-              "key": key, "train_images": meta.get("num_images"), "metrics": metrics}
+    result = {"model": section.model, "labels": labels, "version": version,
+              "key": result_key, "train_images": meta.get("num_images"), "metrics": metrics}
     storage.write_text(result_uri, json.dumps(ledger.to_json_safe(result), indent=2, sort_keys=True))
     return result
 
@@ -108,7 +112,8 @@ def run_segmenters(cfg: Config, *, version: str | None = None) -> dict[str, Any]
     manifest = state.data["manifest"]
     manifest_dir, classes = layout.manifest_dir(root, manifest["stamp"]), manifest["classes"]
     eval_ref, eval_count = common.run_task(segmenter_rows, layout.labels_dir(root, version), manifest_dir, classes,
-                                           labels="ground_truth", evaluation=True, num_returns=2,
+                                           labels="ground_truth", evaluation=True,
+                                           limit=cfg.segmenter.max_eval_images, num_returns=2,
                                            num_cpus=cfg.run.io_cpus)
     if not common.get(eval_count):
         raise ValueError("no held-out image with ground truth to evaluate on (rows with split 'val', or the "

@@ -155,3 +155,28 @@ def test_multiscale_flip_inference_averages_the_softmax_of_every_scale_and_flip(
     expected = (torch.sigmoid(3 * x[0] + ramp) + torch.sigmoid(3 * x[0] + ramp.flip(0))) / 2
     torch.testing.assert_close(probs[1], expected, rtol=1e-5, atol=1e-6)
     assert multiscale_flip_probs(Net(), image, [0.5, 1.0, 2.0]).shape == (2, 16, 24)
+
+
+def test_segmenter_backbones_load_from_a_weights_file(tmp_path):
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from pipeline.models.segmenters import build_segmenter
+
+    resnet = torchvision.models.resnet50()
+    torch.nn.init.normal_(resnet.conv1.weight)
+    resnet.bn1.running_mean.uniform_()
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet.state_dict(), path)
+    deeplab = build_segmenter("deeplab", 3, backbone_init=str(path))
+    assert torch.equal(deeplab.backbone.conv1.weight, resnet.conv1.weight)
+    maskrcnn = build_segmenter("maskrcnn", 3, backbone_init=str(path))
+    body = maskrcnn.backbone.body
+    assert torch.equal(body.conv1.weight, resnet.conv1.weight)
+    assert torch.equal(body.bn1.running_mean, resnet.bn1.running_mean) and isinstance(body.bn1, FrozenBatchNorm2d)
+    # torchvision's detection recipe for a pretrained backbone: the stem and layer1 stay frozen.
+    assert not body.conv1.weight.requires_grad and not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer4.parameters())
+    torch.save({"not": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="ResNet-50"):
+        build_segmenter("maskrcnn", 3, backbone_init=str(path))

@@ -40,6 +40,17 @@ def build_segmenter(model: str, num_classes: int, *, backbone_init: str | Binary
     """
     imagenet = isinstance(backbone_init, str) and backbone_init == "imagenet"
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if imagenet else None
+    from_file = not isinstance(backbone_init, str) or backbone_init not in ("none", "imagenet")
+    if model == "maskrcnn" and from_file:
+        # As torchvision builds it from ImageNet weights: frozen BatchNorm, the last 3 stages train
+        # (detection batches are too small for BatchNorm statistics).
+        from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+        from torchvision.ops import FrozenBatchNorm2d
+
+        resnet = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+        _load_backbone(resnet, backbone_init)
+        return torchvision.models.detection.MaskRCNN(_resnet_fpn_extractor(resnet, 3), num_classes=num_classes + 1,
+                                                     min_size=min_size, max_size=max_size)
     if model == "deeplab":
         net = torchvision.models.segmentation.deeplabv3_resnet50(
             weights=None, weights_backbone=weights, num_classes=num_classes + 1, aux_loss=False)
@@ -51,10 +62,17 @@ def build_segmenter(model: str, num_classes: int, *, backbone_init: str | Binary
         body = net.backbone.body
     else:
         raise ValueError(f"segmenter.model must be one of {MODELS}, got {model!r}")
-    if not isinstance(backbone_init, str) or backbone_init not in ("none", "imagenet"):
-        state = _backbone_state(io.BytesIO(backbone_init.read()) if hasattr(backbone_init, "read") else backbone_init)
-        missing, unexpected = body.load_state_dict(state, strict=False)
-        if unexpected or len(missing) == len(body.state_dict()):
-            raise ValueError(f"segmenter.backbone_init is not a ResNet-50 state dict ({len(unexpected)} unexpected, "
-                             f"{len(missing)} missing keys)")
+    if from_file:
+        _load_backbone(body, backbone_init)
     return net
+
+
+def _load_backbone(body: nn.Module, source: str | BinaryIO) -> None:
+    """Load a ResNet-50 state dict into ``body`` (its keys; BatchNorm counters are optional)."""
+    state = _backbone_state(io.BytesIO(source.read()) if hasattr(source, "read") else source)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if unexpected or len(missing) == len(body.state_dict()):
+        raise ValueError(f"segmenter.backbone_init is not a ResNet-50 state dict ({len(unexpected)} unexpected, "
+                         f"{len(missing)} missing keys)")

@@ -13,11 +13,12 @@ from pipeline.progress import StageProgress
 log = logging.getLogger(__name__)
 
 
-def run_task(fn: Callable, *args: Any, num_cpus: float = 1.0, num_returns: int | str = 1, **kwargs: Any):
+def run_task(fn: Callable, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0, num_returns: int | str = 1,
+             **kwargs: Any):
     """Run ``fn(*args, **kwargs)`` as a Ray task (off the driver); returns its ObjectRef(s)."""
     import ray
 
-    return ray.remote(fn).options(num_cpus=num_cpus, num_returns=num_returns).remote(*args, **kwargs)
+    return ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, num_returns=num_returns).remote(*args, **kwargs)
 
 
 def get(ref):

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import yaml
 
 from pipeline import ledger
 from pipeline.io import codecs, layout, storage
@@ -123,8 +124,8 @@ def export_version(root: str, version: str, out: str, *, fmt: str, classes: list
             export_yolo_shard, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_kwargs={"labels_dir": labels_dir, "out": out})
         common.summarise(ds, StageProgress("export yolo labels", total))
-        names = "".join(f"  {i}: {name}\n" for i, name in enumerate(classes))
-        storage.write_text(storage.join(out, "data.yaml"), f"path: {out}\ntrain: images\nval: images\nnames:\n{names}")
+        storage.write_text(storage.join(out, "data.yaml"), yaml.safe_dump(
+            {"path": out, "train": "images", "val": "images", "names": dict(enumerate(classes))}, sort_keys=False))
         return {"images": total, "annotations": None, "out": out, "format": fmt}
     names = "id+ext" if with_images else "id"
     coco = common.get(common.run_task(write_coco, labels_dir, classes, out_uri=storage.join(out, "coco.json"),

@@ -19,18 +19,19 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, mean_iou
-from pipeline.data.images import decode_image
+from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.transforms import normalize
 from pipeline.data.segmentation import instance_masks
 from pipeline.io import codecs, storage
 
 
 @torch.no_grad()
-def multiscale_flip_probs(net: torch.nn.Module, image: np.ndarray, scales: list[float]) -> torch.Tensor:
+def multiscale_flip_probs(net: torch.nn.Module, image: np.ndarray, scales: list[float],
+                          device: torch.device | None = None) -> torch.Tensor:
     """Class probabilities float [C + 1, H, W] of one image (uint8 [H, W, 3]): softmax of the image
     and of its flipped-back flip at every scale, bilinearly resized to H x W, averaged."""
     height, width = image.shape[:2]
-    x = torch.from_numpy(normalize(image))[None]
+    x = torch.from_numpy(normalize(image))[None].to(device or torch.device("cpu"))
     total = None
     for scale in scales:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
@@ -73,24 +74,34 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
 def evaluate_segmenter(model_uri: str, rows: list[dict[str, Any]], classes: list[str], *, scales: list[float],
                        mask_threshold: float, iou_thresholds: list[float], max_pixels: int) -> dict[str, Any]:
     """Task: the metrics of the exported segmenter at ``model_uri`` on ``rows`` (uri, semantic_uri
-    and instance_uri of the ground truth, instance_classes JSON)."""
+    and instance_uri of the ground truth, instance_classes JSON), on a GPU when the task has one.
+    An image whose files do not decode or whose ground truth differs in size is skipped and counted."""
     from pipeline.train.segmenter import load_segmenter
 
     net, meta = load_segmenter(model_uri)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = net.to(device)
     model = meta["network"]
     matrix = np.zeros((len(classes) + 1, len(classes) + 1), np.int64)
     ap = MaskAPAccumulator(iou_thresholds=iou_thresholds)
-    gt_images, gt_annotations, detections = [], [], []
+    gt_images, gt_annotations, detections, skipped = [], [], [], []
     for number, row in enumerate(rows, start=1):
-        image = decode_image(storage.read_bytes(row["uri"]), max_pixels=max_pixels)
+        try:
+            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=max_pixels)
+            gt = codecs.decode_label_png(storage.read_bytes(row["semantic_uri" if model == "deeplab" else "instance_uri"]))
+        except (ImageDecodeError, OSError, ValueError) as err:
+            skipped.append(f"{row['uri']}: {err}")
+            continue
+        if gt.shape != image.shape[:2]:
+            skipped.append(f"{row['uri']}: ground truth {gt.shape} differs from the image {image.shape[:2]}")
+            continue
         if model == "deeplab":
-            gt = codecs.decode_label_png(storage.read_bytes(row["semantic_uri"]))
-            pred = multiscale_flip_probs(net, image, scales).argmax(dim=0).numpy().astype(np.uint8)
+            pred = multiscale_flip_probs(net, image, scales, device).argmax(dim=0).cpu().numpy().astype(np.uint8)
             matrix += confusion(pred, gt, len(classes) + 1)
             continue
-        ids = codecs.decode_label_png(storage.read_bytes(row["instance_uri"]))
-        gt_masks, gt_classes = instance_masks(ids, {int(k): v for k, v in json.loads(row["instance_classes"]).items()})
-        out = net([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0])[0]
+        gt_masks, gt_classes = instance_masks(gt, {int(k): v for k, v in json.loads(row["instance_classes"]).items()})
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device).float() / 255.0
+        out = {k: v.cpu() for k, v in net([x])[0].items()}
         masks = (out["masks"][:, 0] > mask_threshold).numpy()
         labels, scores = out["labels"].numpy(), out["scores"].numpy()
         ap.add(masks, labels, scores, gt_masks, gt_classes)
@@ -103,10 +114,10 @@ def evaluate_segmenter(model_uri: str, rows: list[dict[str, Any]], classes: list
                                        np.asfortranarray(mask.astype(np.uint8))))]})
         detections += [{"image_id": number, "category_id": int(c), "segmentation": _rle(m), "score": float(s)}
                        for m, c, s in zip(masks, labels, scores)]
+    counts = {"images": len(rows) - len(skipped), "skipped": skipped}
     if model == "deeplab":
         iou = mean_iou(matrix)
-        return {"images": len(rows), "miou": iou["mean"],
-                "per_class_iou": dict(zip(["background", *classes], iou["per_class"]))}
+        return {**counts, "miou": iou["mean"], "per_class_iou": dict(zip(["background", *classes], iou["per_class"]))}
     result = ap.result()
-    return {"images": len(rows), **{f"ap{int(round(100 * t))}": result[t]["mean"] for t in iou_thresholds},
+    return {**counts, **{f"ap{int(round(100 * t))}": result[t]["mean"] for t in iou_thresholds},
             **_coco_ap(gt_images, gt_annotations, detections, classes)}

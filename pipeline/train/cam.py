@@ -121,7 +121,7 @@ def cam_train_dataset(table_ref, cfg: Config):
     import ray.data
 
     section = cfg.train_cam
-    return dataset(table_ref, 16).randomize_block_order(seed=cfg.run.seed).map_batches(
+    return dataset(table_ref, 16).randomize_block_order().map_batches(
         CamTrainBatch, fn_constructor_kwargs={"resize_long": section.resize_long, "crop": section.crop_size,
                                               "max_pixels": cfg.data.max_pixels},
         batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),

@@ -39,10 +39,17 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_step: int, powe
         group["lr"] = poly_lr(group["initial_lr"], step, max_step, power)
 
 
-def steps_per_epoch(num_images: int, batch_size: int, num_workers: int) -> int:
-    """Optimiser steps per epoch: every worker reads its share in per-worker batches."""
+def steps_per_epoch(num_images: int, batch_size: int, num_workers: int, *, drop_last: bool = False) -> int:
+    """Optimiser steps per epoch: every worker reads its share in per-worker batches (the last,
+    partial one dropped with ``drop_last``)."""
     per_worker_batch = max(1, batch_size // num_workers)
-    return max(1, math.ceil(math.ceil(num_images / num_workers) / per_worker_batch))
+    share = math.ceil(num_images / num_workers)
+    if drop_last:
+        if share < per_worker_batch:
+            raise ValueError(f"{num_images} training images give each of {num_workers} workers fewer than one "
+                             f"batch of {per_worker_batch}: lower the batch size or the workers")
+        return share // per_worker_batch
+    return max(1, math.ceil(share / per_worker_batch))
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -105,7 +112,8 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
-        best = {k: state[k] for k in ("best_model", "best_score", "best_epoch", "best_metrics") if k in state}
+        best = {k: state[k] for k in ("best_model", "best_score", "best_epoch", "improved_epoch", "best_metrics")
+                if k in state}
         log.warning("%s resumes from epoch %d (step %d)", name, start_epoch, step)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -134,6 +142,9 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             step += 1
             losses.append(loss.item())
             progress.update(epoch, step, losses[-1], len(batch["image"]))
+        if not losses and step < max_step:
+            raise RuntimeError(f"{name}: epoch {epoch} had no training batch on worker {rank} (every input failed "
+                               f"to decode, or fewer inputs than one batch)")
         metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch,
                    "loss": float(sum(losses) / len(losses)) if losses else None,
                    "images_per_s_per_worker": progress.images_per_second()}
@@ -141,10 +152,12 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         if score is not None:
             metrics["held_out_map"] = score(model)
             if not best or metrics["held_out_map"] >= best["best_score"]:  # ties: the longer-trained
+                improved = not best or metrics["held_out_map"] > best["best_score"]
                 best = {"best_model": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
-                        "best_score": metrics["held_out_map"], "best_epoch": epoch, "best_metrics": dict(metrics)}
-            patience = config.get("patience")
-            if patience is not None and epoch - best["best_epoch"] >= patience:
+                        "best_score": metrics["held_out_map"], "best_epoch": epoch, "best_metrics": dict(metrics),
+                        "improved_epoch": epoch if improved else best["improved_epoch"]}
+            patience = config.get("patience")  # a plateau: no strictly better score for that long
+            if patience is not None and epoch - best.get("improved_epoch", best["best_epoch"]) >= patience:
                 log.warning("%s: no better held-out mAP for %d epochs; stopping at epoch %d (best: epoch %d, %.3f)",
                             name, patience, epoch, best["best_epoch"], best["best_score"])
                 final = True

@@ -144,10 +144,9 @@ def irn_train_datasets(table_ref, cfg: Config) -> dict:
     # 0.25 CPU per decode actor: with the trainer's CPU, both datasets' pools fit on 2 cores.
     kwargs = {"batch_size": 8, "batch_format": "numpy", "num_cpus": 0.25,
               "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=2)}
-    common_args = {"rescale": section.rescale, "crop": section.crop_size, "max_pixels": cfg.data.max_pixels,
-                   "seed": cfg.run.seed}
+    common_args = {"rescale": section.rescale, "crop": section.crop_size, "max_pixels": cfg.data.max_pixels}
     return {
-        "train": source.randomize_block_order(seed=cfg.run.seed).map_batches(
+        "train": source.randomize_block_order().map_batches(
             IrnTrainBatch, fn_constructor_kwargs={**common_args, "augment": True}, **kwargs),
         "mean": source.map_batches(IrnTrainBatch, fn_constructor_kwargs={**common_args, "augment": False},
                                    **kwargs),

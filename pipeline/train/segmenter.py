@@ -48,9 +48,9 @@ def _pseudo_classes(index: pa.Table, labels_dir: str) -> list[str]:
 
 
 def segmenter_rows(labels_dir: str, manifest_dir: str, classes: list[str], *, labels: str,
-                   evaluation: bool = False) -> tuple[pa.Table, int]:
-    """Task: training rows (COLUMNS) of a labels version, or with ``evaluation`` the held-out
-    images that have ground truth (with their ground truth); and their count.
+                   evaluation: bool = False, limit: int | None = None) -> tuple[pa.Table, int]:
+    """Task: training rows (COLUMNS) of a labels version, or with ``evaluation`` the first ``limit``
+    (by id) held-out images that have ground truth (with their ground truth); and their count.
 
     ``labels``: 'pseudo' (the version's labels) or 'ground_truth' (the manifest's, the upper bound).
     """
@@ -61,6 +61,8 @@ def segmenter_rows(labels_dir: str, manifest_dir: str, classes: list[str], *, la
     if evaluation or labels == "ground_truth":
         wanted = pc.and_(has_gt, held_out if evaluation else pc.invert(held_out))
         rows = ledger.join_rows(manifest.filter(wanted), index.select(["image_id"]), ["image_id"], "left semi")
+        if evaluation:
+            rows = rows.sort_by("image_id").slice(0, limit)
         lookup = {name: i + 1 for i, name in enumerate(classes)}
         instance_classes = [json.dumps({k + 1: lookup[n] for k, n in enumerate(names or []) if n in lookup})
                             for names in rows.column("gt_instance_classes").to_pylist()]
@@ -81,9 +83,9 @@ class SegmenterBatch:
     """Ray Data map: rows (COLUMNS) -> augmented training samples of ``model``; a row whose files
     do not decode is left out."""
 
-    def __init__(self, *, model: str, base_size: int, crop_size: int, max_pixels: int, seed: int):
+    def __init__(self, *, model: str, base_size: int, crop_size: int, max_pixels: int, seed: int | None = None):
         self.model, self.base, self.crop, self.max_pixels = model, base_size, crop_size, max_pixels
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # None (training): fresh draws in every actor and epoch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, list] = {k: [] for k in (("image", "target") if self.model == "deeplab"
@@ -171,15 +173,15 @@ def train_segmenter(cfg, table_ref, num_images: int, classes: list[str], *, name
     import ray.data
 
     section = cfg.segmenter
-    max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers)
+    max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers,
+                                                       drop_last=section.model == "deeplab")
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
     loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step, "seed": cfg.run.seed,
                    "poly_power": 0.9, "drop_last": section.model == "deeplab"}  # BatchNorm: no batch of one
-    data = dataset(table_ref, 8).randomize_block_order(seed=cfg.run.seed).map_batches(
+    data = dataset(table_ref, 8).randomize_block_order().map_batches(
         SegmenterBatch, fn_constructor_kwargs={"model": section.model, "base_size": section.base_size,
-                                               "crop_size": section.crop_size, "max_pixels": cfg.data.max_pixels,
-                                               "seed": cfg.run.seed},
+                                               "crop_size": section.crop_size, "max_pixels": cfg.data.max_pixels},
         batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5)
     result = common.run_trainer(train_segmenter_loop, loop_config, {"train": data}, root=cfg.run.root, name=name,
                                 num_workers=section.num_workers, use_gpu=section.use_gpu,
