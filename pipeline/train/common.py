@@ -84,6 +84,31 @@ class Progress:
         return self.images / elapsed if elapsed > 0 else 0.0
 
 
+class EpochSelection:
+    """The best scored epoch so far (its weights, score, metrics) and when the score last rose.
+
+    A score equal to the best replaces it (the longer-trained weights); a plateau is counted from
+    the last strictly higher score. ``best`` is a plain dict (KEYS) that travels in checkpoints.
+    """
+
+    KEYS = ("best_model", "best_score", "best_epoch", "improved_epoch", "best_metrics")
+
+    def __init__(self, best: dict[str, Any], patience: int | None):
+        self.best, self.patience = dict(best), patience
+
+    def add(self, epoch: int, score: float, model: torch.nn.Module, metrics: dict[str, Any]) -> bool:
+        """Record epoch ``epoch`` with ``score``; True when training should stop (a plateau)."""
+        best = self.best
+        if not best or score >= best["best_score"]:
+            improved = not best or score > best["best_score"]
+            self.best = best = {
+                "best_model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "best_score": score, "best_epoch": epoch, "best_metrics": dict(metrics),
+                "improved_epoch": epoch if improved else best.get("improved_epoch", best["best_epoch"])}
+        improved_epoch = best.get("improved_epoch", best["best_epoch"])
+        return self.patience is not None and epoch - improved_epoch >= self.patience
+
+
 def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
                loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
                finish: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
@@ -112,8 +137,7 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
-        best = {k: state[k] for k in ("best_model", "best_score", "best_epoch", "improved_epoch", "best_metrics")
-                if k in state}
+        best = {k: state[k] for k in EpochSelection.KEYS if k in state}
         log.warning("%s resumes from epoch %d (step %d)", name, start_epoch, step)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -123,6 +147,7 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     progress = Progress(name, max_step, step, enabled=rank == 0)
     shard = ray.train.get_dataset_shard("train")
     metrics: dict[str, Any] = {}
+    selection = EpochSelection(best, config.get("patience"))
     for epoch in range(start_epoch, epochs):
         model.train()
         losses = []
@@ -151,16 +176,12 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         final = step >= max_step or epoch == epochs - 1
         if score is not None:
             metrics["held_out_map"] = score(model)
-            if not best or metrics["held_out_map"] >= best["best_score"]:  # ties: the longer-trained
-                improved = not best or metrics["held_out_map"] > best["best_score"]
-                best = {"best_model": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
-                        "best_score": metrics["held_out_map"], "best_epoch": epoch, "best_metrics": dict(metrics),
-                        "improved_epoch": epoch if improved else best["improved_epoch"]}
-            patience = config.get("patience")  # a plateau: no strictly better score for that long
-            if patience is not None and epoch - best.get("improved_epoch", best["best_epoch"]) >= patience:
-                log.warning("%s: no better held-out mAP for %d epochs; stopping at epoch %d (best: epoch %d, %.3f)",
-                            name, patience, epoch, best["best_epoch"], best["best_score"])
+            if selection.add(epoch, metrics["held_out_map"], unwrap(model), metrics):
+                log.warning("%s: held-out mAP not above %.3f since epoch %d; stopping at epoch %d (exporting epoch %d)",
+                            name, selection.best["best_score"], selection.best["improved_epoch"], epoch,
+                            selection.best["best_epoch"])
                 final = True
+            best = selection.best
             metrics.update(best_epoch=best["best_epoch"], best_held_out_map=best["best_score"])
             if rank == 0:
                 log.warning("%s: epoch %d held-out mAP %.3f (best %.3f at epoch %d)", name, epoch,
@@ -168,7 +189,7 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         if final and finish is not None:
             metrics.update(finish(model))
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "step": step, "metrics": metrics, **best}
+                 "epoch": epoch, "step": step, "metrics": metrics, **selection.best}
         save_checkpoint(state, metrics, rank=rank)
         if final:
             break
