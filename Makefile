@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) -m jobs.make_synthetic --out demo_data --num-images 80 --seed 0 --min-size 128 --max-size 192 --radius 0.14 0.24
 	$(PY) -m jobs.label --config configs/demo.yaml
 	$(PY) -m jobs.train_segmenter --config configs/demo.yaml --set segmenter.model=deeplab --set segmenter.labels=both
-	$(PY) -m jobs.train_segmenter --config configs/demo.yaml --set segmenter.model=maskrcnn --set segmenter.labels=both
+	$(PY) -m jobs.train_segmenter --config configs/demo.yaml --set segmenter.model=maskrcnn --set segmenter.labels=both --set segmenter.epochs=2
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/random_walk.py

@@ -58,7 +58,7 @@ def build_segmenter(model: str, num_classes: int, *, backbone_init: str | Binary
     elif model == "maskrcnn":
         net = torchvision.models.detection.maskrcnn_resnet50_fpn(
             weights=None, weights_backbone=weights, num_classes=num_classes + 1, min_size=min_size,
-            max_size=max_size, trainable_backbone_layers=3 if imagenet else 5)
+            max_size=max_size, trainable_backbone_layers=3 if imagenet else None)
         body = net.backbone.body
     else:
         raise ValueError(f"segmenter.model must be one of {MODELS}, got {model!r}")
