@@ -5,8 +5,8 @@ A watcher thread follows the run root and, in order:
 1. kills a Ray Train worker process once CAM training has a registered checkpoint;
 2. removes the worker node running CRF mining (else the CAM network actor) once the first CAM
    shard exists;
-3. removes the node running a labelling task (else the IRNet actor) once the first labels shard
-   exists.
+3. removes the node running a labelling task (else the IRNet actor) as soon as it sees one
+   (synthesis of a few images can write every shard within one state-API call).
 The cluster starts with three worker nodes, so one survives (nodes can only be added from the
 main thread, which runs the job).
 Prints one JSON line with what it did and the run summary.
@@ -85,24 +85,33 @@ class Chaos(threading.Thread):
         self.events.append(f"killed training worker pid {worker.pid}")
 
     def kill_node_during(self, stage: str, directory: str | None, task: str, actor: str) -> None:
-        """Remove the node running a ``task`` (else the ``actor``) once ``stage`` wrote a shard."""
-        def first_shard():
-            """the stage's first output shard"""
-            where = directory or self.labels_images()
-            return where and storage.list_files(where, ".parquet")
-
-        shards = len(wait_for(first_shard, poll=0.02))
+        """Remove the node running a ``task`` (else the ``actor``) once ``stage`` wrote a shard in
+        ``directory``; with no directory, as soon as either is seen (a fast stage may write all its
+        shards within one state-API call)."""
         from ray.util.state import list_tasks
 
         ours = {n.node_id for n in self.nodes}  # the state API still lists a removed node's tasks
-        running = [t.node_id for t in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000)
-                   if task in t.name and t.node_id in ours]
-        hosts = [a.node_id for a in alive_actors(actor) if a.node_id in ours]
-        if not running and not hosts:
-            raise RuntimeError(f"{stage}: found no {task} task or {actor} actor on a live node")
+
+        def busy_node():
+            """a node running a task or actor of the stage (after its first shard, if it has a directory)"""
+            shards = storage.list_files(directory, ".parquet") if directory else []
+            if directory and not shards:
+                return None
+            running = [t.node_id for t in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000)
+                       if task in t.name and t.node_id in ours]
+            hosts = [a.node_id for a in alive_actors(actor) if a.node_id in ours]
+            if running or hosts:
+                return len(shards), running, hosts
+            if shards:  # after the first shard with nothing running: the stage is over
+                raise RuntimeError(f"{stage}: found no {task} task or {actor} actor on a live node")
+            return None
+
+        shards, running, hosts = wait_for(busy_node, poll=0.02)
         victim = f"a running {task} task" if running else f"the {actor} actor"
-        node_id = (running or hosts)[0]
-        self.remove_node_of(node_id, victim)
+        self.remove_node_of((running or hosts)[0], victim)
+        if not directory:
+            images = self.labels_images()
+            shards = len(storage.list_files(images, ".parquet")) if images else 0
         self.events.append(f"{stage}: {shards} shards written when the node was removed")
 
     def labels_images(self) -> str | None:

@@ -357,14 +357,19 @@ def test_quality_gate_stops_before_publishing(labelled, tmp_path, caplog):
     root = str(tmp_path / "run")
     shutil.copytree(labelled["root"], root)
     latest = storage.read_text(layout.latest_pointer(root))
-    held_out = json.loads(storage.read_text(layout.run_json(root)))["stages"]["train_cam"]["held_out"]
+    state = json.loads(storage.read_text(layout.run_json(root)))
+    held_out = state["stages"]["train_cam"]["held_out"]
     assert held_out["images"] == 2 and 0 <= held_out["map"] <= 1  # measured once, kept in run.json
+    # What a classifier that learnt nothing would have measured (the tiny one may score anything).
+    held_out["map"] = held_out["chance"] / 2
+    storage.write_text(layout.run_json(root), json.dumps(state))
     args = [a if not a.startswith("run.root=") else f"run.root={root}" for a in labelled["args"]]
     with caplog.at_level(logging.ERROR, logger="irn-ray"), pytest.raises(SystemExit) as stopped:
-        label.main(args + ["--set", "run.min_cam_map=0.999"])
+        label.main(args + ["--set", "run.min_cam_map=0.6"])
     assert stopped.value.code == 3
     (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quality gate:")]
-    assert "below run.min_cam_map 1.00" in message and "--set run.min_cam_map=0" in message
+    assert f"held-out mAP is {held_out['map']:.3f} on 2 images" in message
+    assert "below run.min_cam_map 0.60" in message and "--set run.min_cam_map=0" in message
     assert storage.read_text(layout.latest_pointer(root)) == latest  # nothing published
     state = json.loads(storage.read_text(layout.run_json(root)))
     assert state["stages"]["cams"]["status"] != "running" and state["labels"]["pending"] is None
