@@ -124,7 +124,10 @@ def main() -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20})
+    # A removed node is declared dead after 5 missed 1 s health checks (Ray's default: 5 x 3 s).
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20,
+                                                            "_system_config": health})
     nodes = [cluster.add_node(**NODE) for _ in range(3)]
     cluster.wait_for_nodes()
     cfg = load_config(args.config, args.overrides + [f"ray.address={cluster.address}"])
