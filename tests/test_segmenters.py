@@ -77,7 +77,8 @@ def test_an_interrupted_segmenter_resumes_from_its_checkpoint(labelled, root):
     train_segmenter.main(args + ["--set", "segmenter.eval_scales=[1.0]"])
     assert os.stat(storage.join(layout.report_dir(root), "segmenters", "deeplab-pseudo.json")).st_mtime_ns != before
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")) == checkpoints
-    assert all(torch.equal(v, load_exported(model_file(root, "deeplab", "pseudo"))[k]) for k, v in resumed.items())
+    evaluated_again = load_exported(model_file(root, "deeplab", "pseudo"))
+    assert all(torch.equal(v, evaluated_again[k]) for k, v in resumed.items())
 
 
 def test_mask_rcnn_on_pseudo_labels_reports_voc_and_coco_ap(labelled, root):
