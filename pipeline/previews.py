@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pipeline import ledger
 from pipeline.data.images import decode_image
 from pipeline.data.transforms import normalize
-from pipeline.io import codecs, layout, storage
+from pipeline.io import codecs, layout, storage, tables
 from pipeline.report import overlay_previews, render_report, write_report
 from pipeline.stages import common, plan
 from pipeline.stages.cams import read_cam_rows
@@ -27,7 +27,7 @@ def preview_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str
     """Task: the first ``count`` images of a version's index (by id) with their CAM shards."""
     index = ledger.read_index(labels_dir, ["image_id", "uri", "semantic_uri", "instance_uri"]).slice(0, count)
     current = plan.current_cams(root, manifest_dir, classes, cams_key, image_ids=index.column("image_id"))
-    rows = ledger.join_rows(index, current.select(["image_id", "cam_shard"]), ["image_id"], "inner", extra=["cam_shard"])
+    rows = tables.join_rows(index, current.select(["image_id", "cam_shard"]), ["image_id"], "inner", extra=["cam_shard"])
     return rows.to_pylist()
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import ledger
-from pipeline.io import codecs, layout, storage
+from pipeline.io import codecs, layout, storage, tables
 
 
 def _images(rows):
@@ -30,10 +30,10 @@ def test_row_keys_follow_stage_and_tags():
 def test_join_rows_keeps_left_order_and_list_columns():
     left = pa.table({"k": ["a", "b", "c", "d"], "v": pa.array([[1], [2], [3, 4], []], pa.list_(pa.int32()))})
     right = pa.table({"k": ["c", "a", "a", "zz"], "shard": ["s3", "s1", "s2", "s9"]})
-    assert ledger.join_rows(left, right, ["k"], "left semi").column("k").to_pylist() == ["a", "c"]
-    anti = ledger.join_rows(left, right, ["k"], "left anti")
+    assert tables.join_rows(left, right, ["k"], "left semi").column("k").to_pylist() == ["a", "c"]
+    anti = tables.join_rows(left, right, ["k"], "left anti")
     assert anti.column("k").to_pylist() == ["b", "d"] and anti.column("v").to_pylist() == [[2], []]
-    inner = ledger.join_rows(left, right, ["k"], "inner", extra=["shard"])
+    inner = tables.join_rows(left, right, ["k"], "inner", extra=["shard"])
     assert inner.column("k").to_pylist() == ["a", "c"]  # one row per left row even with duplicates right
     assert inner.column("shard").to_pylist() == ["s2", "s3"] and inner.column("v").to_pylist() == [[1], [3, 4]]
 

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline import ledger
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
-from pipeline.io import codecs, layout, storage
+from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
 from pipeline.stages import common, plan
 
@@ -37,7 +37,7 @@ def evaluation_plan(manifest_dir: str, labels_dir: str) -> tuple[pa.Table, dict[
     manifest = plan.read_manifest(manifest_dir, GT_COLUMNS)
     gt = manifest.filter(has_ground_truth(manifest))
     index = ledger.read_index(labels_dir, ["image_id", "semantic_uri", "instances_uri"])
-    rows = ledger.join_rows(gt, index, ["image_id"], "inner", extra=["semantic_uri", "instances_uri"])
+    rows = tables.join_rows(gt, index, ["image_id"], "inner", extra=["semantic_uri", "instances_uri"])
     classes_json = pa.array([list(v or []) for v in rows.column("gt_instance_classes").to_pylist()],
                             pa.list_(pa.string()))
     rows = rows.set_column(rows.schema.get_field_index("gt_instance_classes"), "gt_instance_classes", classes_json)

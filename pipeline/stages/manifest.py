@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pipeline import ledger
 from pipeline.config import Config
 from pipeline.data.manifest import MANIFEST_SCHEMA, _row_from_record, iter_manifest_records, manifest_format
-from pipeline.io import codecs, layout, storage
+from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
 from pipeline.stages import common
 
@@ -100,7 +100,7 @@ def finish_manifest(out_dir: str, quarantine_uri: str, classes: list[str], held_
     if not checked:
         return {"valid": 0, "held_out": 0, "ground_truth": 0, "quarantined": 0, "classes": classes,
                 "ground_truth_digest": None}
-    keys = ledger.read_shards(checked, ["image_id", "row", "error", "labels", "split"])
+    keys = tables.read_shards(checked, ["image_id", "row", "error", "labels", "split"])
     valid = keys.filter(pc.equal(keys.column("error"), ""))
     by_split = bool(pc.any(pc.equal(pc.fill_null(valid.column("split"), ""), "val")).as_py())
     first = valid.group_by("image_id").aggregate([("row", "min")])

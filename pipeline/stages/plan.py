@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import ledger
-from pipeline.io import codecs, layout, storage
+from pipeline.io import codecs, layout, storage, tables
 
 MANIFEST_COLUMNS = ["image_id", "uri", "labels", "split", "gt_semantic_uri", "gt_instance_uri",
                     "gt_instance_classes", "held_out"]
@@ -22,7 +22,7 @@ MANIFEST_COLUMNS = ["image_id", "uri", "labels", "split", "gt_semantic_uri", "gt
 def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Table:
     """The valid rows of a run's manifest (``manifest/<stamp>/valid/``)."""
     uris = storage.list_files(storage.join(manifest_dir, "valid"), ".parquet")
-    return ledger.read_shards(uris, columns or MANIFEST_COLUMNS) if uris else pa.table(
+    return tables.read_shards(uris, columns or MANIFEST_COLUMNS) if uris else pa.table(
         {c: pa.array([], pa.string()) for c in columns or MANIFEST_COLUMNS})
 
 
@@ -37,7 +37,7 @@ def _images(manifest_dir: str, classes: list[str], cams_key: str, *, ground_trut
 
 
 def _cam_rows(root: str) -> pa.Table:
-    return ledger.read_shards(storage.list_files(layout.cams_dir(root), ".parquet"), ["image_id", "key"],
+    return tables.read_shards(storage.list_files(layout.cams_dir(root), ".parquet"), ["image_id", "key"],
                               shard_column="shard")
 
 
@@ -47,7 +47,7 @@ def current_cams(root: str, manifest_dir: str, classes: list[str], cams_key: str
     have a current CAM row, with its shard (ledger.current_cams)."""
     images = _images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
     if image_ids is not None:
-        images = ledger.join_rows(images, pa.table({"image_id": image_ids}), ["image_id"], "left semi")
+        images = tables.join_rows(images, pa.table({"image_id": image_ids}), ["image_id"], "left semi")
     return ledger.current_cams(images, _cam_rows(root))
 
 

@@ -21,7 +21,7 @@ from pipeline.algorithms import synthesis as algo
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
 from pipeline.config import Config
 from pipeline.data.images import decode_image
-from pipeline.io import codecs, layout, storage
+from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
 from pipeline.stages import common, plan
 from pipeline.stages.cams import read_cam_rows
@@ -38,7 +38,7 @@ def tune_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str, m
     gt = manifest.filter(has_ground_truth(manifest))
     current = plan.current_cams(root, manifest_dir, classes, cams_key, image_ids=gt.column("image_id"))
     current = current.sort_by("image_id").slice(0, max_images)
-    rows = ledger.join_rows(gt, current.select(["image_id", "cam_shard"]), ["image_id"], "inner", extra=["cam_shard"])
+    rows = tables.join_rows(gt, current.select(["image_id", "cam_shard"]), ["image_id"], "inner", extra=["cam_shard"])
     lookup = {r["image_id"]: r for r in rows.to_pylist()}
     grouped = rows.select(["cam_shard", "image_id"]).group_by("cam_shard").aggregate([("image_id", "list")])
     details = [json.dumps([lookup[i] for i in ids]) for ids in grouped.column("image_id_list").to_pylist()]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline import ledger
 from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.segmentation import instance_masks, instance_train_sample, semantic_train_sample
-from pipeline.io import codecs, storage
+from pipeline.io import codecs, storage, tables
 from pipeline.models.segmenters import build_segmenter
 from pipeline.stages import plan
 from pipeline.stages.common import dataset
@@ -60,7 +60,7 @@ def segmenter_rows(labels_dir: str, manifest_dir: str, classes: list[str], *, la
     held_out = manifest.column("held_out")
     if evaluation or labels == "ground_truth":
         wanted = pc.and_(has_gt, held_out if evaluation else pc.invert(held_out))
-        rows = ledger.join_rows(manifest.filter(wanted), index.select(["image_id"]), ["image_id"], "left semi")
+        rows = tables.join_rows(manifest.filter(wanted), index.select(["image_id"]), ["image_id"], "left semi")
         if evaluation:
             rows = rows.sort_by("image_id").slice(0, limit)
         lookup = {name: i + 1 for i, name in enumerate(classes)}
@@ -71,7 +71,7 @@ def segmenter_rows(labels_dir: str, manifest_dir: str, classes: list[str], *, la
                           "instance_classes": pa.array(instance_classes, pa.string())})
         return table, table.num_rows
     train = manifest.filter(pc.invert(held_out)).select(["image_id", "uri"])
-    rows = ledger.join_rows(index, train, ["image_id"], "inner", extra=["uri"])
+    rows = tables.join_rows(index, train, ["image_id"], "inner", extra=["uri"])
     resolve = lambda column: pa.array([storage.resolve(u, labels_dir) for u in rows.column(column).to_pylist()])  # noqa: E731
     table = pa.table({"image_id": rows.column("image_id"), "uri": rows.column("uri"),
                       "semantic_uri": resolve("semantic_uri"), "instance_uri": resolve("instance_uri"),
