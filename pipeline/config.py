@@ -159,8 +159,14 @@ class SynthesisConfig:
     sem_bg_threshold: float = 0.25
     ins_bg_threshold: float = 0.25
     cam_bg_threshold: float = 0.15  # CAM-only ablation (official cam_eval_thres)
+    # Instance grouping from the displacement field: official (Eq. 10, 14: refined centroids, weak-
+    # displacement candidates), density (peaks of the one-step centroid votes; a deviation for IRNets
+    # without pretrained weights, README "Deviations"), or auto: official when IRNet's backbone is
+    # pretrained (imagenet, a weights file, or train_irn.use_model), density otherwise.
+    grouping: Literal["auto", "official", "density"] = "auto"
     centroid_iterations: int = 100
     centroid_threshold: float = 2.5
+    density_sigma: float = 1.0  # grid cells; Gaussian smoothing of the votes (density grouping)
     min_fragment: float = 0.01
     batch_size: int = 1  # images per IRNet forward (equal padded sizes are batched together)
     num_actors: int = 1
@@ -347,6 +353,9 @@ def _validate(cfg: Config) -> None:
                        ("data.held_out_fraction", cfg.data.held_out_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if cfg.synthesis.density_sigma <= 0:
+        raise ConfigError(f"synthesis.density_sigma: must be > 0 grid cells (1.0 is the default), "
+                          f"got {cfg.synthesis.density_sigma}")
     if cfg.cams.source and cfg.train_irn.backbone_init == "cam":
         raise ConfigError("train_irn.backbone_init: 'cam' takes the CAM network's backbone, but cams.source "
                           "replaces the CAM network; use imagenet, none or a weights file URI")
@@ -380,6 +389,9 @@ def from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -> Confi
         node[path[-1]] = value
     cfg = _build(Config, merged, "")
     _validate(cfg)
+    if cfg.synthesis.grouping == "auto":
+        pretrained = cfg.train_irn.use_model or cfg.train_irn.backbone_init not in ("cam", "none")
+        cfg.synthesis.grouping = "official" if pretrained else "density"
     return cfg
 
 

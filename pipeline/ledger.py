@@ -107,7 +107,10 @@ def train_irn_key(cfg, cams: str | None) -> str:
 def synthesis_key(cfg, classes: list[str], cams: str | None, models: list[str], method: str | None = None) -> str:
     """``models``: file fingerprints of the networks ``method`` uses (CAM, and IRNet unless 'cam')."""
     method = method or cfg.synthesis.method
-    return fingerprint({"synthesis": {**settings(cfg.synthesis), "method": method}, "classes": classes,
+    synthesis = {**settings(cfg.synthesis), "method": method}
+    if synthesis["grouping"] == "official":  # keys from before the density grouping existed stay valid
+        del synthesis["grouping"], synthesis["density_sigma"]
+    return fingerprint({"synthesis": synthesis, "classes": classes,
                         "cams": cams, "pad_to": cfg.train_irn.crop_size, "models": models})
 
 

@@ -19,6 +19,23 @@ def test_defaults_are_the_papers():
     assert cfg.synthesis.centroid_threshold == 2.5 and cfg.synthesis.min_fragment == 0.01
 
 
+@pytest.mark.parametrize("overrides, grouping", [
+    ([], "official"),  # the paper's setting: an ImageNet backbone
+    (["train_irn.backbone_init=cam"], "density"),
+    (["train_irn.backbone_init=none", "train_irn.from_scratch=true"], "density"),
+    (["train_irn.backbone_init=cam", "train_irn.use_model=/m/irn.pth"], "official"),
+    (["train_irn.backbone_init=none", "synthesis.grouping=official"], "official"),
+    (["synthesis.grouping=density"], "density"),
+])
+def test_grouping_auto_is_official_only_for_pretrained_irnet_backbones(overrides, grouping):
+    assert from_dict({}, overrides).synthesis.grouping == grouping
+
+
+def test_density_sigma_must_be_positive():
+    with pytest.raises(ConfigError, match="synthesis.density_sigma"):
+        from_dict({}, ["synthesis.density_sigma=0"])
+
+
 @pytest.mark.parametrize("name", ["configs/demo.yaml", "configs/voc12.yaml"])
 def test_shipped_configs_load_and_serialise(name):
     cfg = load_config(name)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.algorithms import synthesis
-from pipeline.algorithms.instances import instance_groups, refine_centroids
+from pipeline.algorithms.instances import density_groups, instance_groups, refine_centroids
 from pipeline.algorithms.propagation import random_walk
 from pipeline.algorithms.synthesis import (
     cam_boundary_instance_labels,
@@ -67,6 +67,95 @@ def test_instance_groups_extra_group_for_lost_pixels():
     assert groups.max() == 2
     assert np.all(groups[:2] == 2)
     assert np.all(groups[2:, :10] == 0) and np.all(groups[2:, 10:] == 1)
+
+
+def _density_groups_reference(field, sigma, min_share):
+    """density_groups written from its definition with plain loops (the smoothing is scipy's, as
+    the definition says)."""
+    from scipy.ndimage import gaussian_filter
+
+    _, h, w = field.shape
+    votes = np.zeros((h, w))
+    vote_of = {}
+    for y in range(h):
+        for x in range(w):
+            vy = min(max(int(np.rint(y + field[0, y, x])), 0), h - 1)
+            vx = min(max(int(np.rint(x + field[1, y, x])), 0), w - 1)
+            votes[vy, vx] += 1
+            vote_of[y, x] = (vy, vx)
+    density = gaussian_filter(votes, sigma)
+
+    def key(cell):
+        return density[cell], cell[0] * w + cell[1]
+
+    def peak_of(cell):
+        while True:
+            y, x = cell
+            best = max(((yy, xx) for yy in range(max(y - 1, 0), min(y + 2, h))
+                        for xx in range(max(x - 1, 0), min(x + 2, w))), key=key)
+            if best == cell:
+                return cell
+            cell = best
+
+    peak = {p: peak_of(v) for p, v in vote_of.items()}
+    members = {}
+    for q in peak.values():
+        members[q] = members.get(q, 0) + 1
+    kept = sorted((q for q, n in members.items() if n >= min_share * h * w), key=lambda q: q[0] * w + q[1])
+    number = {q: i for i, q in enumerate(kept)}
+    out = np.zeros((h, w), np.int64)
+    for (y, x), q in peak.items():
+        out[y, x] = number.get(q, len(kept))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_density_groups_matches_the_reference(seed):
+    rng = np.random.default_rng(seed)
+    h, w = 14, 19
+    # Smooth random centres plus noise: several peaks, some small, votes off the grid clipped.
+    field = _field_to_centres(h, w, [(3, 4), (10, 14)], split_x=9)
+    field = field * rng.uniform(0.3, 1.0) + rng.normal(0, 1.5, size=field.shape).astype(np.float32)
+    for sigma, share in ((1.0, 0.01), (0.6, 0.05), (2.0, 0.0)):
+        groups = density_groups(field, sigma=sigma, min_share=share)
+        np.testing.assert_array_equal(groups, _density_groups_reference(field, sigma, share))
+        assert set(np.unique(groups)) == set(range(groups.max() + 1))
+
+
+def test_density_groups_equal_the_official_groups_on_an_exact_field():
+    field = _field_to_centres(12, 20, [(5, 4), (6, 15)], split_x=10)
+    np.testing.assert_array_equal(density_groups(field), instance_groups(field))
+    np.testing.assert_array_equal(density_groups(torch.from_numpy(field)), density_groups(field))
+
+
+def test_density_groups_separate_instances_whose_votes_are_pulled_to_the_middle():
+    # Two objects whose centroid votes are contracted towards the image centre (cells (6, 8) and
+    # (6, 12), not the objects' centres (6, 4) and (6, 15)) on a background pointing at the middle
+    # too: the field has no fixed point near either object, the official refinement carries every
+    # pixel to one place, the vote peaks still tell the two apart.
+    h, w = 13, 20
+    ys, xs = np.mgrid[:h, :w].astype(np.float32)
+    left, right = xs < 10, xs >= 10
+    target_y = np.full((h, w), 6.0, np.float32)
+    target_x = np.where(left, 8.0, 12.0).astype(np.float32)
+    field = np.stack([target_y - ys, target_x - xs]).astype(np.float32)
+    assert instance_groups(field).max() == 0  # official: one group
+    groups = density_groups(field)
+    assert groups.max() == 1
+    assert np.all(groups[left] == groups[left][0]) and np.all(groups[right] == groups[right][0])
+    assert groups[left][0] != groups[right][0]
+
+
+def test_density_groups_put_rare_peaks_in_one_extra_group():
+    field = _field_to_centres(20, 20, [(5, 5), (14, 14)], split_x=10)
+    # Two pixels of the right half vote for the top-right corner: a peak with 2 of 400 pixels (< 1%).
+    field[:, 0, 12], field[:, 0, 13] = (0, 19 - 12), (0, 19 - 13)
+    groups = density_groups(field)
+    assert groups.max() == 2 and groups[0, 12] == 2 and groups[0, 13] == 2
+    assert np.all(groups[:, :10] == 0)
+    assert groups[5, 14] == 1
+    kept = density_groups(field, min_share=0.0)  # every peak kept, numbered in raster order
+    assert kept.max() == 2 and kept[0, 12] == 0 and kept[5, 5] == 1 and kept[14, 14] == 2
 
 
 def _two_objects(boundary_line: bool):

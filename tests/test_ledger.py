@@ -27,6 +27,19 @@ def test_row_keys_follow_stage_and_tags():
     assert ledger.label_keys("X", pa.array([a])).to_pylist() != ledger.label_keys("Y", pa.array([a])).to_pylist()
 
 
+def test_synthesis_key_follows_the_grouping_settings_that_are_used():
+    from pipeline.config import from_dict
+
+    def key(*overrides):
+        return ledger.synthesis_key(from_dict({}, list(overrides)), ["a"], "cams", ["m"])
+
+    official = key("synthesis.grouping=official")
+    assert key("synthesis.grouping=official", "synthesis.density_sigma=3") == official  # unused by official
+    assert key("synthesis.grouping=official", "synthesis.centroid_iterations=7") != official
+    density = key("synthesis.grouping=density")
+    assert density != official and key("synthesis.grouping=density", "synthesis.density_sigma=3") != density
+
+
 def test_join_rows_keeps_left_order_and_list_columns():
     left = pa.table({"k": ["a", "b", "c", "d"], "v": pa.array([[1], [2], [3, 4], []], pa.list_(pa.int32()))})
     right = pa.table({"k": ["c", "a", "a", "zz"], "shard": ["s3", "s1", "s2", "s9"]})

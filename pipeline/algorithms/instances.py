@@ -1,9 +1,14 @@
 """Class-agnostic instance map from IRNet's displacement field (Sec. 5.1, Eq. 10, 14, 15).
 
-Every pixel's centroid estimate starts at the pixel itself and repeatedly moves by the displacement
-read (bilinearly) at its current estimate. Pixels with a small displacement are centroid candidates;
-their 4-connected components are the detected centroids, and each pixel joins the component its
-refined centroid lands in.
+:func:`instance_groups` is the paper's grouping: every pixel's centroid estimate starts at the
+pixel itself and repeatedly moves by the displacement read (bilinearly) at its current estimate.
+Pixels with a small displacement are centroid candidates; their 4-connected components are the
+detected centroids, and each pixel joins the component its refined centroid lands in.
+
+:func:`density_groups` is a deviation for displacement fields whose per-instance offset is biased
+(IRNet trained from scratch): each pixel votes once for x + D(x), and pixels whose votes fall on
+the same peak of the vote density form a group. It needs no fixed point of the field at the
+centroids, only that an instance's votes cluster apart from its neighbours' (README, Deviations).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["refine_centroids", "instance_groups"]
+__all__ = ["refine_centroids", "instance_groups", "density_groups"]
 
 
 def _as_displacement_tensor(displacement) -> torch.Tensor:
@@ -110,3 +115,60 @@ def instance_groups(displacement, *, iterations: int = 100, threshold: float = 2
     landed = np.where(landed == 0, components.max() + 1, landed)
     _, groups = np.unique(landed, return_inverse=True)
     return groups.reshape(landed.shape).astype(np.int64)
+
+
+def density_groups(displacement, *, sigma: float = 1.0, min_share: float = 0.01) -> np.ndarray:
+    """Class-agnostic instance map from the peaks of the one-step centroid votes (a deviation).
+
+    1. Every pixel x votes for the grid cell nearest to its centroid estimate x + D(x) (rounded,
+       clipped to the grid); the vote counts are smoothed by a Gaussian of ``sigma`` cells
+       (scipy's ``gaussian_filter``, reflecting borders, truncated at 4 sigma).
+    2. Every cell steps to the densest cell of its 3×3 neighbourhood, itself included, ordering
+       cells by (density, raster index) so that ties are broken the same way everywhere; the cells
+       that step to themselves are the peaks, and each cell belongs to the peak its steps reach.
+    3. Each pixel joins the peak its vote's cell belongs to. Peaks joined by fewer than
+       ``min_share``·h·w pixels (too few for an instance that synthesis would keep) are merged
+       into one extra group.
+
+    Groups are numbered compactly in raster order of their peak cell, the extra group last.
+
+    Args:
+        displacement: float [2, h, w], (dy, dx) in grid units (numpy, or a torch tensor on any
+            device; the work is done on CPU).
+        sigma: Gaussian smoothing of the vote counts, in grid cells (> 0).
+        min_share: fraction of the grid's pixels a peak needs to be a group of its own.
+
+    Returns:
+        int64 numpy [h, w], group index in 0..G−1 per pixel, every index used (G ≥ 1).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    field = _as_displacement_tensor(displacement).cpu().numpy()
+    _, height, width = field.shape
+    rows, cols = np.mgrid[:height, :width]
+    vote_y = np.clip(np.rint(rows + field[0]), 0, height - 1).astype(np.int64)
+    vote_x = np.clip(np.rint(cols + field[1]), 0, width - 1).astype(np.int64)
+    votes = (vote_y * width + vote_x).ravel()
+    density = gaussian_filter(np.bincount(votes, minlength=height * width).reshape(height, width).astype(np.float64),
+                              sigma)
+    # Lexicographic (density, index) as one sortable rank: a strict order, so the steps end.
+    order = np.lexsort((np.arange(height * width), density.ravel()))
+    rank = np.empty(height * width, np.int64)
+    rank[order] = np.arange(height * width)
+    padded = np.pad(rank.reshape(height, width), 1, constant_values=-1)
+    best = np.full((height, width), -1, np.int64)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            best = np.maximum(best, padded[dy:dy + height, dx:dx + width])
+    step = order[best.ravel()]  # the cell each cell steps to
+    while True:  # pointer jumping: at most log2(longest climb) rounds
+        nxt = step[step]
+        if np.array_equal(nxt, step):
+            break
+        step = nxt
+    peak = step[votes]
+    peaks, members = np.unique(peak, return_counts=True)
+    small = members < min_share * height * width
+    # np.unique sorts the peaks by index = raster order; small peaks all map to the extra group.
+    number = np.where(small, (~small).sum(), np.cumsum(~small) - 1)
+    return number[np.searchsorted(peaks, peak)].reshape(height, width).astype(np.int64)

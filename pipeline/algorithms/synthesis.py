@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .cams import strided_size
-from .instances import instance_groups
+from .instances import density_groups, instance_groups
 from .propagation import random_walk
 
 __all__ = [
@@ -199,10 +199,13 @@ def instance_labels(
     iterations: int = 100,
     threshold: float = 2.5,
     min_fragment: float = 0.01,
+    grouping: str = "official",
+    sigma: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Instance pseudo labels of one image (Eq. 11–13, Sec. 5.2).
 
-    The displacement field gives G class-agnostic groups (:func:`instance_groups`). For every
+    The displacement field gives G class-agnostic groups (:func:`instance_groups`, or with
+    ``grouping="density"`` :func:`density_groups`). For every
     class c and group k the CAM of c restricted to group k is propagated (one random walk over all
     K·G maps); after ×4 upsampling, cropping and division by the global maximum, each pixel takes
     the best of (background = ``bg_threshold``, every (c, k)). Each 4-connected component of a
@@ -218,6 +221,8 @@ def instance_labels(
         bg_threshold, beta, steps, radius: as in :func:`semantic_labels`.
         iterations, threshold: centroid refinement steps and candidate threshold (Eq. 10, 14).
         min_fragment: fraction of the image below which an instance's score is set to 0.
+        grouping: "official" (Eq. 10, 14) or "density" (vote peaks; ``sigma`` smooths the votes,
+            and a peak needs ``min_fragment`` of the grid's pixels to be a group of its own).
 
     Returns:
         masks bool [N, H, W] (pairwise disjoint), classes int64 [N] (class ids), scores float32
@@ -225,12 +230,13 @@ def instance_labels(
     """
     return instance_sweep(cams, class_ids, boundary, displacement, image_size, bg_thresholds=[bg_threshold],
                           beta=beta, steps=steps, radius=radius, iterations=iterations, threshold=threshold,
-                          min_fragment=min_fragment)[0]
+                          min_fragment=min_fragment, grouping=grouping, sigma=sigma)[0]
 
 
 def instance_sweep(cams, class_ids, boundary, displacement, image_size: Sequence[int], *,
                    bg_thresholds: Sequence[float], beta: float = 10.0, steps: int = 256, radius: int = 5,
                    iterations: int = 100, threshold: float = 2.5, min_fragment: float = 0.01,
+                   grouping: str = "official", sigma: float = 1.0,
                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """:func:`instance_labels` at several background thresholds from one grouping and one random
     walk (threshold tuning); one (masks, classes, scores) per threshold."""
@@ -239,7 +245,12 @@ def instance_sweep(cams, class_ids, boundary, displacement, image_size: Sequence
     field = torch.as_tensor(displacement).to(maps.device)
     if tuple(field.shape) != (2,) + tuple(maps.shape[1:]):
         raise ValueError(f"displacement {tuple(field.shape)} does not match the CAM grid")
-    groups = torch.from_numpy(instance_groups(field, iterations=iterations, threshold=threshold))
+    if grouping == "density":
+        groups = torch.from_numpy(density_groups(field, sigma=sigma, min_share=min_fragment))
+    elif grouping == "official":
+        groups = torch.from_numpy(instance_groups(field, iterations=iterations, threshold=threshold))
+    else:
+        raise ValueError(f"grouping must be 'official' or 'density', got {grouping!r}")
     groups = groups.to(maps.device)
     count = int(groups.max()) + 1
     in_group = groups.unsqueeze(0) == torch.arange(count, device=maps.device).view(-1, 1, 1)

@@ -58,7 +58,8 @@ def synthesize(method: str, cams: np.ndarray, class_ids: list[int], image_size: 
     else:
         instances = algo.instance_labels(cams_t, class_ids, boundary, displacement, image_size,
                                          bg_threshold=params.ins_bg_threshold, iterations=params.centroid_iterations,
-                                         threshold=params.centroid_threshold, min_fragment=params.min_fragment, **walk)
+                                         threshold=params.centroid_threshold, min_fragment=params.min_fragment,
+                                         grouping=params.grouping, sigma=params.density_sigma, **walk)
     return (semantic, *instances)
 
 

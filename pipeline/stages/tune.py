@@ -83,7 +83,8 @@ def score_sweep(batch: dict[str, np.ndarray], *, root: str, cfg: dict[str, Any],
                                                 inference.displacement, size, bg_thresholds=thresholds,
                                                 iterations=section.centroid_iterations,
                                                 threshold=section.centroid_threshold,
-                                                min_fragment=section.min_fragment, **walk)
+                                                min_fragment=section.min_fragment, grouping=section.grouping,
+                                                sigma=section.density_sigma, **walk)
                     result[f"ins {beta}"] = [image_records(*f, gt_masks, gt_classes,
                                                            iou_thresholds=config.eval.iou_thresholds) for f in found]
             out["status"].append("scored")
