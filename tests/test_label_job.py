@@ -182,7 +182,9 @@ def test_stage_labels_equal_a_direct_call_of_the_algorithms(labelled):
     size = (row["height"], row["width"])
     cams = torch.from_numpy(row["cams"])
     semantic = algo.semantic_labels(cams, row["class_ids"], boundary, size, steps=64)
-    masks, classes, scores = algo.instance_labels(cams, row["class_ids"], boundary, displacement, size, steps=64)
+    synthesis = labelled["state"]["config"]["synthesis"]
+    masks, classes, scores = algo.instance_labels(cams, row["class_ids"], boundary, displacement, size, steps=64,
+                                                  grouping=synthesis["grouping"], sigma=synthesis["density_sigma"])
     stored = codecs.decode_label_png(storage.read_bytes(layout.semantic_png(labels_dir, row["image_id"])))
     assert np.array_equal(stored, semantic)
     stored_ids = codecs.decode_label_png(storage.read_bytes(layout.instance_png(labels_dir, row["image_id"])))
