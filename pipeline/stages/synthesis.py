@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 STAGE = "synthesis"
 
 
+def grouping_args(params: SynthesisConfig) -> dict[str, Any]:
+    """The instance-grouping keywords of ``instance_labels`` / ``instance_sweep`` from the config."""
+    return {"iterations": params.centroid_iterations, "threshold": params.centroid_threshold,
+            "min_fragment": params.min_fragment, "grouping": params.grouping, "sigma": params.density_sigma}
+
+
 def synthesize(method: str, cams: np.ndarray, class_ids: list[int], image_size: tuple[int, int],
                boundary: torch.Tensor | None, displacement: torch.Tensor | None, params: SynthesisConfig,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -57,9 +63,7 @@ def synthesize(method: str, cams: np.ndarray, class_ids: list[int], image_size: 
                                                       min_fragment=params.min_fragment, **walk)
     else:
         instances = algo.instance_labels(cams_t, class_ids, boundary, displacement, image_size,
-                                         bg_threshold=params.ins_bg_threshold, iterations=params.centroid_iterations,
-                                         threshold=params.centroid_threshold, min_fragment=params.min_fragment,
-                                         grouping=params.grouping, sigma=params.density_sigma, **walk)
+                                         bg_threshold=params.ins_bg_threshold, **grouping_args(params), **walk)
     return (semantic, *instances)
 
 

@@ -26,7 +26,7 @@ from pipeline.progress import StageProgress
 from pipeline.stages import common, plan
 from pipeline.stages.cams import read_cam_rows
 from pipeline.stages.evaluate import GT_COLUMNS, gt_instances, has_ground_truth
-from pipeline.stages.synthesis import padded_input
+from pipeline.stages.synthesis import grouping_args, padded_input
 
 THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 13)]  # 0.05 .. 0.60
 BETAS = [5.0, 7.0, 10.0, 14.0]
@@ -81,10 +81,7 @@ def score_sweep(batch: dict[str, np.ndarray], *, root: str, cfg: dict[str, Any],
                 if gt_masks is not None:
                     found = algo.instance_sweep(row["cams"], row["class_ids"], inference.boundary,
                                                 inference.displacement, size, bg_thresholds=thresholds,
-                                                iterations=section.centroid_iterations,
-                                                threshold=section.centroid_threshold,
-                                                min_fragment=section.min_fragment, grouping=section.grouping,
-                                                sigma=section.density_sigma, **walk)
+                                                **grouping_args(section), **walk)
                     result[f"ins {beta}"] = [image_records(*f, gt_masks, gt_classes,
                                                            iou_thresholds=config.eval.iou_thresholds) for f in found]
             out["status"].append("scored")
