@@ -84,15 +84,19 @@ def _shapes() -> dict[str, np.ndarray]:
     cross = ((np.abs(yy - 30) < 4) & (np.abs(xx - 40) < 25)) | ((np.abs(xx - 40) < 4) & (np.abs(yy - 30) < 25))
     thin = np.zeros((60, 80), bool)
     thin[10, 5:70] = True
-    return {"disc": disc, "ring": ring, "two parts": two, "cross": cross, "thin": thin}
+    specks = np.zeros((60, 80), bool)  # parts of one and two pixels (8-connected): each must survive
+    specks[5, 5] = specks[20, 30] = specks[21, 31] = specks[40, 60] = specks[40, 61] = True
+    return {"disc": disc, "ring": ring, "two parts": two, "cross": cross, "thin": thin, "specks": specks}
 
 
 @pytest.mark.parametrize("name", list(_shapes()))
 def test_polygons_rasterise_back_to_the_mask_within_a_pixel_of_its_boundary(name):
     mask = _shapes()[name]
     polygons = mask_to_polygons(mask)
-    assert len(polygons) == (2 if name == "two parts" else 1)
+    assert len(polygons) == {"two parts": 2, "specks": 3}.get(name, 1)
     assert _within_one_pixel_of_the_boundary(mask, polygons_to_mask(polygons, mask.shape))
+    if name == "specks":  # all boundary: "within a pixel" would hold for nothing at all
+        assert np.array_equal(polygons_to_mask(polygons, mask.shape), mask)
 
 
 def test_yolo_lines_round_trip(tmp_path):

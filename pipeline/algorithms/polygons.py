@@ -1,12 +1,13 @@
 """Instance masks as polygons (YOLO segmentation labels) and back.
 
 A mask becomes one polygon per 8-connected component (each line of a YOLO label file is one
-object); a component with holes (a ring) becomes one polygon whose outline runs
-into each hole along a zero-width cut and around it in the opposite direction, so an even-odd fill
-leaves the hole empty. Vertices lie on the boundary between object and background pixels
-(``skimage.measure.find_contours`` at level 0.5 on the padded mask) and are simplified with a
-tolerance below one pixel, so re-rasterising (:func:`polygons_to_mask`) gives back the mask up to
-pixels on its boundary.
+object); a component with holes (a ring) becomes one polygon whose outline runs into each hole
+along a zero-width cut and around it in the opposite direction, so an even-odd fill leaves the
+hole empty. Vertices lie on the boundary between object and background pixels
+(``skimage.measure.find_contours`` at level 0.5 on the padded mask, diagonal neighbours joined as
+in the components) and are simplified with a tolerance below one pixel; a part too small to keep
+three vertices keeps its exact outline, so no part is lost. Re-rasterising
+(:func:`polygons_to_mask`) gives back the mask up to pixels on its boundary.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ def _ring(contour: np.ndarray, tolerance: float) -> np.ndarray:
     """(row, col) contour of the padded mask -> simplified (x, y) vertices in image pixels."""
     from skimage.measure import approximate_polygon
 
-    simplified = approximate_polygon(contour, tolerance=tolerance) if tolerance > 0 else contour
-    xy = simplified[:, ::-1] - 1.0  # undo the one-pixel padding; (col, row) = (x, y)
-    return xy[:-1] if len(xy) > 1 and np.allclose(xy[0], xy[-1]) else xy
+    def vertices(points: np.ndarray) -> np.ndarray:
+        xy = points[:, ::-1] - 1.0  # undo the one-pixel padding; (col, row) = (x, y)
+        return xy[:-1] if len(xy) > 1 and np.allclose(xy[0], xy[-1]) else xy
+
+    simplified = vertices(approximate_polygon(contour, tolerance=tolerance)) if tolerance > 0 else None
+    # A one- or two-pixel part simplifies to a segment; its exact outline is still a polygon.
+    return simplified if simplified is not None and len(simplified) >= 3 else vertices(contour)
 
 
 def _signed_area(xy: np.ndarray) -> float:
@@ -61,7 +66,7 @@ def mask_to_polygons(mask: np.ndarray, *, tolerance: float = 0.5, min_pixels: in
         if component.sum() < min_pixels:
             continue
         padded = np.pad(component, 1).astype(np.float32)
-        contours = [c for c in find_contours(padded, 0.5) if len(c) >= 3]
+        contours = [c for c in find_contours(padded, 0.5, fully_connected="high") if len(c) >= 3]
         if not contours:
             continue
         rings = [_ring(c, tolerance) for c in contours]
