@@ -82,8 +82,12 @@ def test_an_interrupted_segmenter_resumes_from_its_checkpoint(labelled, root):
 
 
 def test_mask_rcnn_on_pseudo_labels_reports_voc_and_coco_ap(labelled, root):
-    result = train_segmenter.main(_args(labelled, root, "segmenter.model=maskrcnn", "segmenter.labels=pseudo"))
+    # One step of two images: a Mask R-CNN step samples 512 RoIs per image through the box head
+    # (~2 s per image on one core here), and the plumbing, not the learning, is under test.
+    result = train_segmenter.main(_args(labelled, root, "segmenter.model=maskrcnn", "segmenter.labels=pseudo",
+                                        "segmenter.batch_size=2", "segmenter.max_steps=1"))
     rows = {metric: pseudo for model, metric, pseudo, _, _ in result["table"] if model == "Mask R-CNN"}
     assert set(rows) == {"ap50", "ap70", "coco_ap"} and all(0 <= v <= 1 for v in rows.values())
     metrics = json.loads(storage.read_text(storage.join(layout.report_dir(root), "metrics.json")))
     assert {"deeplab-pseudo", "maskrcnn-pseudo"} <= set(metrics["segmenters"])
+    assert json.loads(storage.read_text(model_file(root, "maskrcnn", "pseudo") + ".json"))["step"] == 1
