@@ -21,13 +21,11 @@ def _ring(contour: np.ndarray, tolerance: float) -> np.ndarray:
     """(row, col) contour of the padded mask -> simplified (x, y) vertices in image pixels."""
     from skimage.measure import approximate_polygon
 
-    def vertices(points: np.ndarray) -> np.ndarray:
-        xy = points[:, ::-1] - 1.0  # undo the one-pixel padding; (col, row) = (x, y)
-        return xy[:-1] if len(xy) > 1 and np.allclose(xy[0], xy[-1]) else xy
-
-    simplified = vertices(approximate_polygon(contour, tolerance=tolerance)) if tolerance > 0 else None
-    # A one- or two-pixel part simplifies to a segment; its exact outline is still a polygon.
-    return simplified if simplified is not None and len(simplified) >= 3 else vertices(contour)
+    simplified = approximate_polygon(contour, tolerance=tolerance) if tolerance > 0 else contour
+    if len(simplified) < 4:  # closed (last = first): a one- or two-pixel part became a segment
+        simplified = contour
+    xy = simplified[:, ::-1] - 1.0  # undo the one-pixel padding; (col, row) = (x, y)
+    return xy[:-1] if len(xy) > 1 and np.allclose(xy[0], xy[-1]) else xy
 
 
 def _signed_area(xy: np.ndarray) -> float:
