@@ -40,6 +40,7 @@ __all__ = [
     "semantic_sweep",
     "instance_labels",
     "instance_sweep",
+    "pixel_groups",
     "cam_semantic_labels",
     "cam_instance_labels",
     "cam_boundary_instance_labels",
@@ -236,22 +237,20 @@ def instance_labels(
 def instance_sweep(cams, class_ids, boundary, displacement, image_size: Sequence[int], *,
                    bg_thresholds: Sequence[float], beta: float = 10.0, steps: int = 256, radius: int = 5,
                    iterations: int = 100, threshold: float = 2.5, min_fragment: float = 0.01,
-                   grouping: str = "official", sigma: float = 1.0,
+                   grouping: str = "official", sigma: float = 1.0, groups: np.ndarray | None = None,
                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """:func:`instance_labels` at several background thresholds from one grouping and one random
-    walk (threshold tuning); one (masks, classes, scores) per threshold."""
+    walk (threshold tuning); one (masks, classes, scores) per threshold. ``groups``: this
+    displacement's :func:`pixel_groups`, when already computed (sweeping β reuses them)."""
     maps = _as_cams(cams, image_size)
     lookup = _class_lookup(class_ids, maps.shape[0])
     field = torch.as_tensor(displacement).to(maps.device)
     if tuple(field.shape) != (2,) + tuple(maps.shape[1:]):
         raise ValueError(f"displacement {tuple(field.shape)} does not match the CAM grid")
-    if grouping == "density":
-        groups = torch.from_numpy(density_groups(field, sigma=sigma, min_share=min_fragment))
-    elif grouping == "official":
-        groups = torch.from_numpy(instance_groups(field, iterations=iterations, threshold=threshold))
-    else:
-        raise ValueError(f"grouping must be 'official' or 'density', got {grouping!r}")
-    groups = groups.to(maps.device)
+    if groups is None:
+        groups = pixel_groups(field, grouping=grouping, iterations=iterations, threshold=threshold,
+                              min_fragment=min_fragment, sigma=sigma)
+    groups = torch.as_tensor(groups).to(maps.device)
     count = int(groups.max()) + 1
     in_group = groups.unsqueeze(0) == torch.arange(count, device=maps.device).view(-1, 1, 1)
     # Channel c·G + k is class c restricted to group k (Eq. 11).
@@ -265,6 +264,17 @@ def instance_sweep(cams, class_ids, boundary, displacement, image_size: Sequence
         index, score = _winning_channels(walked, image_size, bg_threshold)
         out.append(_split_into_instances(index, score, region_classes, min_fragment * index.size))
     return out
+
+
+def pixel_groups(displacement, *, grouping: str = "official", iterations: int = 100, threshold: float = 2.5,
+                 min_fragment: float = 0.01, sigma: float = 1.0) -> np.ndarray:
+    """The class-agnostic groups of :func:`instance_labels`: int64 [h, w] from
+    :func:`instance_groups` (``grouping="official"``) or :func:`density_groups` (``"density"``)."""
+    if grouping == "density":
+        return density_groups(displacement, sigma=sigma, min_share=min_fragment)
+    if grouping == "official":
+        return instance_groups(displacement, iterations=iterations, threshold=threshold)
+    raise ValueError(f"grouping must be 'official' or 'density', got {grouping!r}")
 
 
 def cam_semantic_labels(
