@@ -72,8 +72,8 @@ def score_sweep(batch: dict[str, np.ndarray], *, root: str, cfg: dict[str, Any],
                 gt_masks, gt_classes = gt_instances(codecs.decode_label_png(storage.read_bytes(info["gt_instance_uri"])),
                                                     info["gt_instance_classes"] or [], classes)
             result: dict[str, Any] = {}
-            grouping = grouping_args(section)
-            groups = algo.pixel_groups(inference.displacement, **grouping) if gt_masks is not None else None
+            groups = algo.pixel_groups(inference.displacement, **grouping_args(section)) \
+                if gt_masks is not None else None  # one grouping serves every β
             for beta in betas:
                 walk = {"beta": beta, "steps": section.steps, "radius": section.radius}
                 if gt_semantic is not None:
@@ -83,7 +83,7 @@ def score_sweep(batch: dict[str, np.ndarray], *, root: str, cfg: dict[str, Any],
                 if gt_masks is not None:
                     found = algo.instance_sweep(row["cams"], row["class_ids"], inference.boundary,
                                                 inference.displacement, size, bg_thresholds=thresholds,
-                                                groups=groups, **grouping, **walk)
+                                                groups=groups, min_fragment=section.min_fragment, **walk)
                     result[f"ins {beta}"] = [image_records(*f, gt_masks, gt_classes,
                                                            iou_thresholds=config.eval.iou_thresholds) for f in found]
             out["status"].append("scored")
