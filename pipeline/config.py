@@ -30,8 +30,9 @@ class ConfigError(ValueError):
 class DataConfig:
     """Input image set."""
 
-    manifest: str = ""  # Parquet / CSV / JSON Lines manifest URI (DESIGN §3)
-    classes: list[str] = field(default_factory=list)  # empty: sorted union of the manifest labels
+    manifest: str = ""  # Parquet / CSV / JSON Lines manifest URI (required; columns: docs/inputs.md)
+    # class names in id order (class 1, 2, ...; 0 is background); empty: sorted union of the manifest labels
+    classes: list[str] = field(default_factory=list)
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression-bomb guard)
     # Held out from training to measure the CAM classifier: rows with split 'val'; when no row
     # has one, this share of the images, chosen by a hash of image_id.
@@ -43,17 +44,20 @@ class RunConfig:
     """Where outputs go and how reruns behave."""
 
     root: str = "runs/default"  # run root, local path or s3://bucket/prefix
+    # when to train the networks again: never (reuse the run root's models), always, or auto
+    # (when the training config or the classes changed, or no model exists)
     retrain: Literal["never", "always", "auto"] = "auto"
+    # seeds training (initial weights, augmentation, shuffle order); Ray's scheduling still varies runs
     seed: int = 0
     shard_rows: int = 2000  # images per Parquet shard (CAMs, label rows, instances, quarantine)
-    io_cpus: float = 0.25  # CPUs per decode / shard-writing task
+    io_cpus: float = 0.25  # CPUs of each decode, planning and shard-writing task
     progress_seconds: float = 10.0  # at most one progress line per stage this often
     # Quality gate: below this held-out mAP of the CAM classifier, or below min_cam_skill, or with a
     # final training loss near chance, the run stops before publishing (exit status 3).
     # min_cam_map 0 turns the whole gate off.
     min_cam_map: float = 0.6
     # (mAP - chance) / (1 - chance): how far from chance to perfect the classifier got. Measured
-    # (README): 0.61 and 0.74 gave labels of mIoU ~0.3, 0.89 and 0.92 gave 0.46-0.52.
+    # (docs/trust.md): 0.61 and 0.74 gave labels of mIoU ~0.3, 0.89 and 0.92 gave 0.46-0.52.
     min_cam_skill: float = 0.8
 
 
@@ -61,118 +65,141 @@ class RunConfig:
 class RayConfig:
     """How to reach Ray. ``address: local`` starts an embedded instance."""
 
-    address: str = "auto-local"  # "auto-local": RAY_ADDRESS if set, else an embedded local Ray
-    num_cpus: int | None = None  # only for an embedded instance
+    # auto-local: RAY_ADDRESS if set (as under ray job submit), else an embedded local Ray; local: always
+    # embedded; any other value: the address of a running cluster (ray.init)
+    address: str = "auto-local"
+    num_cpus: int | None = None  # CPUs of an embedded instance (null: the machine's); ignored when joining a cluster
+    # GPUs of an embedded instance (null: those Ray detects); ignored when joining a cluster
     num_gpus: int | None = None
 
 
 @dataclass
 class TrainCamConfig:
-    """CAM network training (DESIGN §4 "CAM network")."""
+    """CAM network training (Sec. 3 of the paper; Ray Train)."""
 
-    depth: Literal[18, 34, 50, 101] = 50
-    backbone_init: str = "imagenet"  # imagenet | none | a weights file URI
+    depth: Literal[18, 34, 50, 101] = 50  # ResNet depth of the CAM network's backbone (the paper: 50)
+    # backbone weights to start from: imagenet (torchvision's), none (random) or a weights file URI
+    backbone_init: str = "imagenet"
     use_model: str = ""  # a trained CAM network to use instead of training (irn-ray or official .pth)
     from_scratch: bool = False  # train all layers with updating BatchNorm (no pretrained weights)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's; adamw: training from scratch
     select_best: bool = False  # score every epoch on the held-out images, export the best one
     patience: int | None = None  # with select_best: stop after this many epochs without a better one
-    batch_size: int = 16
-    epochs: int = 5
+    batch_size: int = 16  # images per optimiser step, split over the workers
+    epochs: int = 5  # passes over the training images (all but the held-out ones)
     max_steps: int | None = None  # cap on optimiser steps (smoke tests); None = epochs decide
     lr: float = 0.1  # backbone; the classifier gets 10x
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
+    weight_decay: float = 1e-4  # L2 weight decay of the optimiser
+    poly_power: float = 0.9  # learning rate schedule: lr * (1 - step / max_step) ** poly_power
+    # augmentation: the long side resized to a random length in [low, high] before the crop
     resize_long: list[int] = field(default_factory=lambda: [320, 640])
+    # augmentation: random square crop (padded when the image is smaller); held-out images are fitted into it
     crop_size: int = 512
-    num_workers: int = 1  # Ray Train workers
-    use_gpu: bool = False
+    num_workers: int = 1  # Ray Train workers (data-parallel, DDP)
+    use_gpu: bool = False  # one GPU per Ray Train worker
     bf16: bool = False  # bf16 autocast on GPU workers (opt-in)
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3
+    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker reserves
+    max_failures: int = 3  # Ray Train restarts from the last checkpoint after a worker failure at most this often
 
 
 @dataclass
 class CamsConfig:
     """CAM inference (Eq. 1) on every image."""
 
+    # inference scales of the image; each also runs flipped and the maps are summed (Eq. 1)
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
-    batch_size: int = 1
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    batch_size: int = 1  # images per network forward in an actor (only images of equal size are batched together)
+    num_actors: int = 1  # CAM network actors (Ray Data actor pool)
+    cpus_per_actor: float = 1.0  # CPUs each CAM network actor reserves
+    gpus_per_actor: float = 0.0  # GPUs each CAM network actor reserves (0: CPU; a fraction shares a GPU)
     bf16: bool = False  # bf16 autocast in the network actors on GPU (opt-in)
-    keep_high_res: bool = False  # also persist full-resolution CAMs
-    source: str = ""  # folder of <image_id>.npz CAMs made by another method; skips CAM training
+    keep_high_res: bool = False  # also persist full-resolution CAMs (large; the stride-4 CAMs are always kept)
+    # folder of <image_id>.npz CAMs made by another method (format: docs/trust.md); no CAM network
+    # is trained or run
+    source: str = ""
 
 
 @dataclass
 class RelationsConfig:
     """CRF refinement and relation mining (Sec. 4.2)."""
 
+    # confident foreground: the CAMs' argmax against a background score of this, refined by the CRF
+    # (official conf_fg_thres)
     fg_threshold: float = 0.30
+    # confident background: the same with this lower background score; pixels confident in neither
+    # are ignored (255) (official conf_bg_thres)
     bg_threshold: float = 0.05
-    crf_gt_prob: float = 0.7
-    crf_iterations: int = 10
-    crf_gaussian_sxy: float = 3.0
-    crf_gaussian_compat: float = 3.0
-    crf_bilateral_sxy: float = 50.0
-    crf_bilateral_srgb: float = 5.0
-    crf_bilateral_compat: float = 10.0
-    cpus_per_task: float = 1.0
+    crf_gt_prob: float = 0.7  # dense CRF unary: probability given to the thresholded label
+    crf_iterations: int = 10  # dense CRF mean-field iterations
+    crf_gaussian_sxy: float = 3.0  # dense CRF smoothness kernel: spatial standard deviation (pixels)
+    crf_gaussian_compat: float = 3.0  # dense CRF smoothness kernel: weight (Potts compatibility)
+    crf_bilateral_sxy: float = 50.0  # dense CRF appearance kernel: spatial standard deviation (pixels)
+    crf_bilateral_srgb: float = 5.0  # dense CRF appearance kernel: colour standard deviation (0-255 scale)
+    crf_bilateral_compat: float = 10.0  # dense CRF appearance kernel: weight (Potts compatibility)
+    cpus_per_task: float = 1.0  # CPUs of each CAM fusion + CRF mining task
     max_tasks: int | None = None  # concurrent CRF tasks; None = as many as CPUs allow
 
 
 @dataclass
 class TrainIrnConfig:
-    """IRNet training (DESIGN §4 "IRNet")."""
+    """IRNet training (Sec. 4.3; Ray Train)."""
 
+    # ResNet depth of IRNet's backbone; with backbone_init cam it must equal train_cam.depth
     depth: Literal[18, 34, 50, 101] = 50
-    backbone_init: str = "imagenet"  # imagenet (the official code) | cam | none | a weights file URI
+    # backbone weights (frozen unless from_scratch): imagenet (the official code's), cam (the trained
+    # CAM network's, for runs without pretrained weights), none, or a weights file URI
+    backbone_init: str = "imagenet"
     use_model: str = ""  # a trained IRNet to use instead of training (irn-ray or official .pth)
     from_scratch: bool = False  # the backbone trains too, updating BatchNorm (no pretrained weights)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    batch_size: int = 32
-    epochs: int = 3
-    max_steps: int | None = None
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's; adamw: training from scratch
+    batch_size: int = 32  # crops per optimiser step, split over the workers
+    epochs: int = 3  # passes over the IRNet training images (all but the held-out ones)
+    max_steps: int | None = None  # cap on optimiser steps (smoke tests); None = epochs decide
     lr: float = 0.1  # boundary branch; the displacement branch gets 10x
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    crop_size: int = 512
+    weight_decay: float = 1e-4  # L2 weight decay of the optimiser
+    poly_power: float = 0.9  # learning rate schedule: lr * (1 - step / max_step) ** poly_power
+    crop_size: int = 512  # random crop; a multiple of 4 (relation labels are sampled on the crop's stride-4 grid)
+    # augmentation: the image rescaled by a random factor in [low, high]
     rescale: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    radius: int = 10
-    num_workers: int = 1
-    use_gpu: bool = False
-    bf16: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3
+    radius: int = 10  # pairs of stride-4 cells within this distance train the boundary and displacement branches
+    num_workers: int = 1  # Ray Train workers (data-parallel, DDP)
+    use_gpu: bool = False  # one GPU per Ray Train worker
+    bf16: bool = False  # bf16 autocast on GPU workers (opt-in)
+    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker reserves
+    max_failures: int = 3  # Ray Train restarts from the last checkpoint after a worker failure at most this often
 
 
 @dataclass
 class SynthesisConfig:
     """IRNet inference and label synthesis (Sec. 5)."""
 
+    # irnet (boundary + displacement), cam_boundary (no displacement) or cam (CAM threshold + components)
     method: Literal["irnet", "cam_boundary", "cam"] = "irnet"
-    beta: float = 10.0
-    steps: int = 256
-    radius: int = 5
+    beta: float = 10.0  # random walk: affinities raised to this power (Eq. 12)
+    steps: int = 256  # random walk: transition steps (the official code's 2^8)
+    radius: int = 5  # random walk: affinities between stride-4 cells within this distance
+    # background score of the semantic labels after the walk (official sem_seg_bg_thres)
     sem_bg_threshold: float = 0.25
+    # background score of the instance labels after the walk (official ins_seg_bg_thres)
     ins_bg_threshold: float = 0.25
     cam_bg_threshold: float = 0.15  # CAM-only ablation (official cam_eval_thres)
     # Instance grouping from the displacement field: official (Eq. 10, 14: refined centroids, weak-
     # displacement candidates), density (peaks of the one-step centroid votes; a deviation for IRNets
-    # without pretrained weights, README "Deviations"), or auto: official when IRNet's backbone is
+    # without pretrained weights, docs/fidelity.md), or auto: official when IRNet's backbone is
     # pretrained (imagenet, a weights file, or train_irn.use_model), density otherwise.
     grouping: Literal["auto", "official", "density"] = "auto"
-    centroid_iterations: int = 100
+    centroid_iterations: int = 100  # official grouping: centroid refinement steps (Eq. 10)
+    # official grouping: cells with a displacement shorter than this (grid cells) are centroid candidates
     centroid_threshold: float = 2.5
     density_sigma: float = 1.0  # grid cells; Gaussian smoothing of the votes (density grouping)
+    # instances under this share of the image's pixels score 0; density grouping: a vote peak needs
+    # this share of the pixels to be a group of its own
     min_fragment: float = 0.01
     batch_size: int = 1  # images per IRNet forward (equal padded sizes are batched together)
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    bf16: bool = False
+    num_actors: int = 1  # IRNet actors (Ray Data actor pool)
+    cpus_per_actor: float = 1.0  # CPUs each IRNet actor reserves
+    gpus_per_actor: float = 0.0  # GPUs each IRNet actor reserves (0: CPU; a fraction shares a GPU)
+    bf16: bool = False  # bf16 autocast in the IRNet actors on GPU (opt-in)
     cpus_per_task: float = 1.0  # per post-processing task (random walk, instances, PNG/RLE writes)
 
 
@@ -180,10 +207,12 @@ class SynthesisConfig:
 class EvalConfig:
     """Evaluation against ground truth, when the manifest has it."""
 
+    # mask AP is reported at each of these IoUs (the paper's AP50 and AP70)
     iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7])
     ablations: bool = True  # also score CAM-only and CAM + boundary (Tables 1-2)
-    num_previews: int = 8
-    max_classification_images: int = 500  # held-out (split 'val') images for the CAM net's mAP
+    num_previews: int = 8  # images shown with their labels in the report
+    # held-out images (at most) the CAM network's classification mAP is measured on
+    max_classification_images: int = 500
 
 
 @dataclass
@@ -194,28 +223,29 @@ class SegmenterConfig:
     520/480 resize/crop; detection: SGD 0.02, hflip, 800/1333 resizing) with ImageNet backbones.
     """
 
+    # deeplab (DeepLab v3, ResNet-50) or maskrcnn (Mask R-CNN, ResNet-50-FPN), both torchvision's
     model: Literal["deeplab", "maskrcnn"] = "deeplab"
     labels: Literal["pseudo", "ground_truth", "both"] = "pseudo"  # ground_truth: the upper bound
     backbone_init: str = "imagenet"  # imagenet | none (from scratch) | a ResNet-50 weights file URI
-    epochs: int = 30
-    max_steps: int | None = None
-    batch_size: int = 16
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    epochs: int = 30  # passes over the training images
+    max_steps: int | None = None  # cap on optimiser steps; None = epochs decide
+    batch_size: int = 16  # images per optimiser step, split over the workers (DeepLab: 2+ per worker, BatchNorm)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: torchvision's recipe; adamw: training from scratch
+    lr: float = 0.01  # initial learning rate, poly decay
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # L2 weight decay of the optimiser
     base_size: int = 520  # DeepLab: shorter side resized to [0.5, 2.0] x base_size, then cropped
-    crop_size: int = 480
-    min_size: int = 800  # Mask R-CNN's own resizing
-    max_size: int = 1333
+    crop_size: int = 480  # DeepLab: training crop, padded with 255 (ignored)
+    min_size: int = 800  # Mask R-CNN's own resizing: the shorter side to this
+    max_size: int = 1333  # Mask R-CNN's own resizing: the longer side at most this
     eval_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])  # DeepLab inference
     mask_threshold: float = 0.5  # Mask R-CNN mask probability
     max_eval_images: int = 1500  # held-out images evaluated (sorted by id; VOC val has 1,449)
-    num_workers: int = 1
-    use_gpu: bool = False
-    bf16: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3
+    num_workers: int = 1  # Ray Train workers (data-parallel, DDP)
+    use_gpu: bool = False  # one GPU per Ray Train worker (and a GPU task for evaluation)
+    bf16: bool = False  # bf16 autocast on GPU workers (opt-in)
+    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker reserves
+    max_failures: int = 3  # Ray Train restarts from the last checkpoint after a worker failure at most this often
 
 
 @dataclass
