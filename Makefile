@@ -33,6 +33,10 @@ demo: $(STAMP)
 	$(PY) -m jobs.train_segmenter --config configs/demo.yaml --set segmenter.model=deeplab --set segmenter.labels=both
 	$(PY) -m jobs.train_segmenter --config configs/demo.yaml --set segmenter.model=maskrcnn --set segmenter.labels=both --set segmenter.epochs=2
 
+.PHONY: docs
+docs: $(STAMP)  # docs/configuration.md from the field comments of pipeline/config.py
+	$(PY) -m pipeline.config_reference
+
 benchmarks: $(STAMP)
 	$(PY) benchmarks/random_walk.py
 
