@@ -5,6 +5,10 @@ see ``pipeline.models.backbone``) and predict on the stride-4 grid. For an input
 grid is exactly ``h × w = ceil(H/4) × ceil(W/4)`` (the size of L1/L2; coarser levels are
 upsampled by 2 or 4, which gives at least that many cells, and cropped bottom/right).
 
+The backbone is IRNet's own: ImageNet weights by default, as in the official code
+(``train_irn.backbone_init``); the trained CAM network's backbone (``cam_state_dict``) is an
+option for runs without pretrained weights, and ``from_scratch`` trains it too (updating BatchNorm).
+
 Displacement channels are ordered (dy, dx), in stride-4 grid cells. Losses live elsewhere.
 """
 
@@ -267,7 +271,8 @@ def build_irnet(
         backbone_init: ``"none"``, ``"imagenet"``, or a backbone state-dict path / binary file
             object (see ``build_backbone``).
         cam_state_dict: optional trained CAMNet state dict; its backbone overrides
-            ``backbone_init`` (the paper shares the classification backbone).
+            ``backbone_init`` (``train_irn.backbone_init: cam``; the official code starts from
+            ImageNet instead).
         state_dict: optional full IRNet state dict (trained checkpoint, including
             ``mean_displacement``) loaded strictly last.
         from_scratch: the backbone trains too, with updating BatchNorm (runs without pretrained

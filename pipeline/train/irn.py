@@ -1,9 +1,11 @@
-"""Train IRNet with Ray Train from images and mined relation labels (DESIGN §4 "IRNet").
+"""Train IRNet with Ray Train from images and mined relation labels (paper Sec. 4.3).
 
-The backbone is frozen (initialised from the trained CAM network by default); the boundary branch
-trains at lr, the displacement branch at 10x lr, with the IRNet loss of ``pipeline.algorithms``
-on all pairs within ``radius`` (10) of the stride-4 relation labels. After training, the mean
-displacement over the training images is measured and stored in the model.
+The backbone is frozen and starts from ImageNet weights by default, as in the official code
+(``train_irn.backbone_init``; ``cam`` takes the trained CAM network's backbone instead, for runs
+without pretrained weights, and ``from_scratch`` trains it too). The boundary branch trains at
+lr, the displacement branch at 10x lr, with the IRNet loss of ``pipeline.algorithms`` on all
+pairs within ``radius`` (10) of the stride-4 relation labels. After training, the mean
+displacement over the IRNet training images is measured and stored in the model.
 """
 
 from __future__ import annotations
