@@ -11,7 +11,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
 export RAY_DATA_LOG_LEVEL ?= WARNING
 
-.PHONY: venv test test-fast demo benchmarks clean
+.PHONY: venv test test-fast demo benchmarks gpu-check clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ docs: $(STAMP)  # docs/configuration.md from the field comments of pipeline/conf
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/random_walk.py
+
+# On a machine with a CUDA GPU: stage and training images/s (fp32, bf16), the CUDA random walk
+# against the CPU one, a tiny label job on the GPU (docs/benchmarks.md). Without one: says so, exit 0.
+gpu-check: $(STAMP)
+	timeout 480 $(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs demo_data .pytest_cache
