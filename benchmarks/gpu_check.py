@@ -142,9 +142,12 @@ def label_job(workdir: str, cpus: int, gpu: bool) -> tuple[int, list[list[str]]]
     if done.returncode != 0:
         print(done.stdout[-4000:], done.stderr[-4000:], sep="\n")
         return done.returncode, []
+    from pipeline.orchestrate import STAGES
+
     state = json.loads(Path(root, "run.json").read_text())
-    rows = [[name, stage.get("status", ""), f"{stage.get('seconds', 0):.1f}"]
-            for name, stage in state["stages"].items()]
+    stages = state["stages"]
+    rows = [[name, stages[name].get("status", ""), f"{stages[name].get('seconds', 0):.1f}"]
+            for name in ("manifest",) + tuple(STAGES) if name in stages]
     rows.append(["(whole job, wall)", f"labels {state['last_run']['labels_version']}", f"{wall:.1f}"])
     return 0, rows
 
