@@ -119,8 +119,11 @@ def config_keys() -> set[str]:
             for k in dataclasses.fields(getattr(defaults, s.name))}
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+def _cell(text: str, *, code: bool = False) -> str:
+    """Text fit for a Markdown table cell: pipes escaped; outside code, angle brackets shown as
+    such rather than read as HTML."""
+    text = text.replace("|", "\\|")
+    return text if code else text.replace("<", "&lt;").replace(">", "&gt;")
 
 
 def render(docs: list[SectionDoc]) -> str:
@@ -137,7 +140,8 @@ def render(docs: list[SectionDoc]) -> str:
         lines += [f"## {section.name}", "", section.intro, "",
                   "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for key in section.keys:
-            lines.append(f"| `{key.key}` | `{_cell(key.type)}` | `{_cell(key.default)}` | {_cell(key.doc)} |")
+            kind, default = _cell(key.type, code=True), _cell(key.default, code=True)
+            lines.append(f"| `{key.key}` | `{kind}` | `{default}` | {_cell(key.doc)} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
