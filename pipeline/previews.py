@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import torch
@@ -14,12 +15,31 @@ from pipeline import ledger
 from pipeline.data.images import decode_image
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage, tables
-from pipeline.report import overlay_previews, render_report, write_report
+from pipeline.colours import displacement_scale
+from pipeline.report import format_value, overlay_previews, render_report, write_report
 from pipeline.stages import common, plan
 from pipeline.stages.cams import read_cam_rows
 from pipeline.train.common import load_trained
 
 log = logging.getLogger(__name__)
+GRID_STRIDE = 4  # IRNet's boundary and displacement are at 1/4 of the image (IRNet.infer)
+
+# Label-health figures of ``plan.index_summary``: (name, unit, healthy (low, high) or None, what it is).
+# The ranges are those outside which ``plan.health_warnings`` warns (tests/test_report.py checks that
+# they agree); a figure without one depends on the data and is read beside the others.
+HEALTH_FIGURES = {
+    "tagged_images_all_background": ("tagged images labelled all background", "percent", (None, 0.2),
+                                     "images with a class tag whose labels have no foreground pixel"),
+    "foreground_fraction": ("foreground fraction", "percent", None,
+                            "mean share of an image's pixels labelled with a class"),
+    "cam_fraction": ("CAM fraction", "percent", None,
+                     "mean share of an image's pixels where a CAM is above synthesis.cam_bg_threshold"),
+    "foreground_to_cam_area": ("labelled area / CAM area", "ratio", (0.5, 2.0),
+                               "foreground fraction over CAM fraction: how far the labels grew or shrank the CAMs"),
+    "instances_per_image": ("instances per image", "ratio", None, "mean number of instances per labelled image"),
+    "instances_per_tag": ("instances per image tag", "ratio", (0.5, 8.0),
+                          "instances over image-level class tags: low, instances are lost; high, fragmented"),
+}
 
 
 def preview_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str, labels_dir: str,
@@ -55,8 +75,11 @@ def make_previews(run, version: str, count: int) -> list[dict[str, Any]]:
             boundary, displacement = out.boundary.numpy(), out.displacement.numpy()
         semantic = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["semantic_uri"], labels_dir)))
         instance = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["instance_uri"], labels_dir)))
-        panels = overlay_previews(image, cam, boundary, displacement, semantic, instance, palette=codecs.VOC_PALETTE)
-        previews.append({"image_id": row["image_id"], "panels": panels})
+        scale = None if displacement is None else displacement_scale(displacement)
+        panels = overlay_previews(image, cam, boundary, displacement, semantic, instance, palette=codecs.VOC_PALETTE,
+                                  stride=GRID_STRIDE, max_displacement=scale)
+        captions = {} if scale is None else {"displacement": f"displacement\nfull at {GRID_STRIDE * scale:.1f} px"}
+        previews.append({"image_id": row["image_id"], "panels": panels, "captions": captions})
     return previews
 
 
@@ -70,17 +93,76 @@ def _class_rows(run, summary: dict[str, Any], metrics: dict[str, Any] | None) ->
              "ap70": ap.get("0.7", {}).get(name)} for name in run.classes]
 
 
+def stage_rows(stages: dict[str, dict[str, Any]], *, order: tuple[str, ...] = (),
+               report_seconds: float) -> list[dict[str, Any]]:
+    """The stage table of run.json's ``stages`` (stages in ``order`` first, in that order), with the
+    report's own row as done in ``report_seconds``.
+
+    The report is rendered while its stage is still "running"; the page exists only once it is
+    written, so on the page that stage is done (its seconds: up to rendering, not the write).
+    """
+    names = [n for n in order if n in stages] + [n for n in stages if n not in order]
+    rows = [{"stage": name, "status": stages[name].get("status"), "seconds": stages[name].get("seconds"),
+             "counts": stages[name].get("counts", {})} for name in names]
+    for row in rows:
+        if row["stage"] == "report":
+            row.update(status="done", seconds=round(report_seconds, 2), counts={})
+    return rows
+
+
+def health_figures(health: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Label-health figures of a version summary's ``health``, in ``HEALTH_FIGURES`` order (others after)."""
+    keys = [k for k in HEALTH_FIGURES if k in health] + [k for k in health if k not in HEALTH_FIGURES]
+    figures = []
+    for key in keys:
+        name, unit, healthy, meaning = HEALTH_FIGURES.get(key, (key.replace("_", " "), None, None, None))
+        figures.append({"name": name, "value": health[key], "unit": unit, "healthy": healthy, "meaning": meaning})
+    return figures
+
+
+def headline_figures(metrics: dict[str, Any] | None, held_out: dict[str, Any],
+                     health: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cards at the top: IRNet's mIoU / AP50 / AP70 beside the ablations' (with ground truth) or
+    the ranged label-health figures (without), then the CAM classifier's held-out mAP and skill."""
+    from pipeline.orchestrate import cam_skill
+
+    full = (metrics or {}).get("irnet")
+    if full:
+        ablations = [(label, (metrics.get("ablations") or {}).get(name))
+                     for label, name in (("CAM", "cam"), ("CAM + boundary", "cam_boundary"))]
+        figures = [{"name": "IRNet mIoU", "value": full["miou"], "unit": "percent",
+                    "compare": [(label, m["miou"]) for label, m in ablations if m]}]
+        for threshold, value in full["ap"].items():
+            figures.append({"name": f"IRNet AP{round(float(threshold) * 100)}", "value": value, "unit": "percent",
+                            "compare": [(label, m["ap"].get(threshold)) for label, m in ablations if m]})
+    else:  # the cards name the figure and its range; the health table says what it is
+        figures = [{**f, "meaning": None} for f in health if f["healthy"] is not None]
+    if held_out.get("images"):
+        figures.append({"name": "CAM classifier mAP", "value": held_out["map"], "unit": "percent",
+                        "meaning": f"on {held_out['images']} held-out images; chance "
+                                   f"{format_value(held_out.get('chance'), 'percent')}"})
+        figures.append({"name": "CAM classifier skill", "value": cam_skill(held_out), "unit": "ratio",
+                        "meaning": "of the way from chance (0) to perfect (1)"})
+    return figures
+
+
+def _segmenter_rows(rows: list[list[Any]]) -> list[list[str]]:
+    """``segment.comparison_rows`` as text: metrics (fractions) in percent, the ratio with 2 decimals."""
+    return [[model, metric, format_value(pseudo, "percent"), format_value(truth, "percent"),
+             format_value(ratio, "ratio")] for model, metric, pseudo, truth, ratio in rows]
+
+
 def build_report(run) -> dict[str, Any]:
     """Write ``report/index.html`` unless it is current for this labels version and metrics."""
+    from pipeline.orchestrate import STAGES
+    from pipeline.segment import comparison_rows, segmenter_results
     from pipeline.stages.evaluate import metrics_uri
 
+    t0 = time.perf_counter()
     version = ledger.latest_version(run.root)
     if version is None:
         return {"_skipped": True, "reason": "no labels"}
     metrics = json.loads(storage.read_text(metrics_uri(run.root))) if storage.exists(metrics_uri(run.root)) else None
-    from pipeline.orchestrate import cam_skill
-    from pipeline.segment import comparison_rows, segmenter_results
-
     segmenters = segmenter_results(run.root)
     key = ledger.fingerprint({"version": version, "metrics": run.state.stage("evaluate").get("key"),
                               "previews": run.cfg.eval.num_previews,
@@ -88,42 +170,34 @@ def build_report(run) -> dict[str, Any]:
     index = storage.join(layout.report_dir(run.root), "index.html")
     if storage.exists(index) and run.state.stage("report").get("key") == key and "report" not in run.force:
         return {"_skipped": True, "uri": index}
-    stages = run.state.data["stages"]
-    stage_rows = [{"stage": name, "status": info.get("status"), "seconds": info.get("seconds"),
-                   "counts": info.get("counts", {})} for name, info in stages.items()]
-    full = (metrics or {}).get("irnet")
-    headline = None if not full else {"mIoU": full["miou"], **{f"AP{int(float(t) * 100)}": v for t, v in full["ap"].items()}}
-    held_out = run.state.stage("train_cam").get("held_out") or {}
-    if held_out.get("images"):
-        headline = headline or {}
-        headline["CAM net mAP (held-out)"] = held_out["map"]
-        headline["CAM net skill over chance"] = cam_skill(held_out)
-    ablations = [] if not metrics else [
+    ablations = [] if not (metrics or {}).get("irnet") else [
         {"method": label, "miou": m["miou"], "ap50": m["ap"].get("0.5"), "ap70": m["ap"].get("0.7")}
         for label, m in (("CAM", metrics["ablations"].get("cam")),
                          ("CAM + class boundary", metrics["ablations"].get("cam_boundary")),
-                         ("IRNet (full)", full)) if m]
+                         ("IRNet (full)", metrics["irnet"])) if m]
     manifest = run.state.data.get("manifest", {})
     summary = run.state.labels["versions"].get(version, {})
     overview = {"run root": run.root, "labels version": version, "manifest": manifest.get("uri"),
                 "valid images": manifest.get("valid"), "quarantined in manifest": manifest.get("quarantined"),
                 "labelled images": summary.get("images"), "instances": summary.get("instances"),
                 "classes": ", ".join(run.classes), "synthesis method": run.cfg.synthesis.method}
-    health = summary.get("health") or {}
-    tables = [{"title": "Label health", "header": ["figure", "value"],
-               "rows": [[name.replace("_", " "), value] for name, value in health.items()],
-               "notes": summary.get("health_warnings", [])}] if health else []
+    health = health_figures(summary.get("health") or {})
+    tables = []
     if segmenters:
         tables.append({"title": "Models trained on the labels (paper Tables 3-4)",
                        "header": ["model", "metric", "pseudo labels", "ground truth", "pseudo / ground truth"],
-                       "rows": comparison_rows(segmenters),
+                       "rows": _segmenter_rows(comparison_rows(segmenters)),
                        "notes": [f"evaluated on the held-out images with ground truth; trained on "
                                  f"{v.get('train_images')} images ({k})" for k, v in sorted(segmenters.items())]})
-    html_text = render_report(title=f"irn-ray labels {version}", summary=overview, stage_rows=stage_rows,
-                              class_rows=_class_rows(run, summary, metrics), metrics=headline,
-                              ablation_rows=ablations, previews=make_previews(run, version, run.cfg.eval.num_previews),
-                              tables=tables)
+    previews = make_previews(run, version, run.cfg.eval.num_previews)
+    html_text = render_report(
+        title=f"irn-ray labels {version}", summary=overview,
+        stage_rows=stage_rows(run.state.data["stages"], order=("manifest",) + STAGES,
+                              report_seconds=time.perf_counter() - t0),
+        class_rows=_class_rows(run, summary, metrics),
+        headline=headline_figures(metrics, run.state.stage("train_cam").get("held_out") or {}, health),
+        ground_truth=bool((metrics or {}).get("irnet")), ablation_rows=ablations, previews=previews,
+        health=health, health_notes=summary.get("health_warnings", []), tables=tables)
     write_report(layout.report_dir(run.root), html_text)
     run.state.update_stage("report", key=key)
     return {"uri": index}
-
