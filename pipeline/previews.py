@@ -139,10 +139,10 @@ def headline_figures(metrics: dict[str, Any] | None, held_out: dict[str, Any],
         figures = [{**f, "meaning": None} for f in health if f["healthy"] is not None]
     if held_out.get("images"):
         figures.append({"name": "CAM classifier mAP", "value": held_out["map"], "unit": "percent",
-                        "meaning": f"on {held_out['images']} held-out images; chance "
+                        "meaning": f"{held_out['images']} held-out images, chance "
                                    f"{format_value(held_out.get('chance'), 'percent')}"})
         figures.append({"name": "CAM classifier skill", "value": cam_skill(held_out), "unit": "ratio",
-                        "meaning": "of the way from chance (0) to perfect (1)"})
+                        "meaning": "0 = chance, 1 = perfect"})
     return figures
 
 

@@ -149,11 +149,11 @@ table, .metric, .preview, .legend { background: #fff; box-shadow: 0 1px 2px rgba
 table { border-collapse: collapse; } th { background: #eef1f4; font-weight: 600; }
 th, td { padding: 5px 12px; border-bottom: 1px solid #e3e6ea; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.metrics { display: flex; gap: 14px; flex-wrap: wrap; margin-bottom: 10px; }
-.metric { padding: 10px 16px; min-width: 120px; border-left: 4px solid #c9d1db; }
+.metrics { display: flex; gap: 10px; flex-wrap: wrap; margin-bottom: 10px; }
+.metric { padding: 10px 14px; min-width: 120px; border-left: 4px solid #c9d1db; }
 .metric.ok { border-left-color: #1a7f37; } .metric.warn { border-left-color: #d97706; }
 .metric .value { font-size: 28px; font-weight: 650; font-variant-numeric: tabular-nums; }
-.metric .name { font-weight: 600; } .metric .sub, .note, figcaption, td.meaning { color: #5b6573; }
+.metric .name { font-weight: 600; max-width: 200px; } .metric .sub, .note, figcaption, td.meaning { color: #5b6573; }
 .metric .sub { font-size: 12px; white-space: nowrap; } .note { font-style: italic; }
 .warning, .check-outside { color: #b35c00; font-weight: 600; } .status-ok, .status-done, .check-ok { color: #1a7f37; }
 .status-failed, .status-error { color: #c62828; font-weight: 600; } .status-skipped, .status-cached { color: #5b6573; }
@@ -184,7 +184,8 @@ def render_report(*, title: str, summary: dict, stage_rows: list[dict], class_ro
         class_rows: [{"class", "images", "instances", "iou", "ap50", "ap70"}]; metrics are fractions
             in [0, 1], None -> "—".
         headline: figures (see the module docstring) shown as cards at the top.
-        ground_truth: False adds a note that there are no mIoU/AP figures, only label health.
+        ground_truth: False adds a note that there are no mIoU/AP figures, only label health, and
+            leaves the metric columns out of the per-class table.
         ablation_rows: [{"method", "miou", "ap50", "ap70"}] (paper Tables 1-2); omitted when empty.
         previews: [{"image_id": str, "panels": {name: PNG bytes}, "captions": {name: str}}], panels
             from ``overlay_previews``; a panel without a caption is captioned with its name; a
@@ -212,11 +213,12 @@ def render_report(*, title: str, summary: dict, stage_rows: list[dict], class_ro
         parts += ["<h2>Label health</h2>", _health_table(health)]
     parts += ["<h2>Run summary</h2>", _table(["key", "value"], [[k, v] for k, v in summary.items()])]
     parts += ["<h2>Stage timings</h2>", _stage_table(stage_rows)]
-    parts += ["<h2>Per-class counts and metrics</h2>",
-              _table(["class", "images", "instances", "IoU", "AP50", "AP70"],
+    metric_keys = ("iou", "ap50", "ap70") if ground_truth else ()  # no columns of dashes without ground truth
+    parts += ["<h2>Per-class counts" + (" and metrics</h2>" if ground_truth else "</h2>"),
+              _table(["class", "images", "instances", "IoU", "AP50", "AP70"][:3 + len(metric_keys)],
                      [[row.get("class"), format_value(row.get("images"), "count"),
                        format_value(row.get("instances"), "count"),
-                       *(format_value(row.get(k), "percent") for k in ("iou", "ap50", "ap70"))]
+                       *(format_value(row.get(k), "percent") for k in metric_keys)]
                       for row in class_rows], numeric_from=1)]
     if previews:
         parts += ["<h2>Previews</h2>", _legend()] + [_preview_block(p) for p in previews]

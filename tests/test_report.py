@@ -282,6 +282,7 @@ def test_render_report_without_metrics_ablation_or_previews():
     assert "no ground truth in the manifest" in text
     assert "Ablation" not in text and "<img" not in text and "Label health" not in text
     assert "—" in text  # None values
+    assert "<th>IoU</th>" not in text and "Per-class counts</h2>" in text  # no columns of dashes
 
 
 def test_class_names_are_escaped():
