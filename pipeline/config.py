@@ -52,6 +52,10 @@ class RunConfig:
     shard_rows: int = 2000  # images per Parquet shard (CAMs, label rows, instances, quarantine)
     io_cpus: float = 0.25  # CPUs of each decode, planning and shard-writing task
     progress_seconds: float = 10.0  # at most one progress line per stage this often
+    # Training sets of at most this many images are decoded once per run and kept in Ray's object
+    # store (about 0.5 MB per VOC-sized image); the training workers augment them every epoch and
+    # can hold every CPU. Larger sets stream: decoded and augmented by CPU actors every epoch.
+    decode_once_max_images: int = 2000
     # Quality gate: below this held-out mAP of the CAM classifier, or below min_cam_skill, or with a
     # final training loss near chance, the run stops before publishing (exit status 3).
     # min_cam_map 0 turns the whole gate off.
@@ -226,7 +230,11 @@ class SegmenterConfig:
     # deeplab (DeepLab v3, ResNet-50) or maskrcnn (Mask R-CNN, ResNet-50-FPN), both torchvision's
     model: Literal["deeplab", "maskrcnn"] = "deeplab"
     labels: Literal["pseudo", "ground_truth", "both"] = "pseudo"  # ground_truth: the upper bound
-    backbone_init: str = "imagenet"  # imagenet | none (from scratch) | a ResNet-50 weights file URI
+    # ResNet depth of the segmenter: 50 (the paper's) or 18 (small runs; must match a cam backbone)
+    depth: Literal[18, 50] = 50
+    # imagenet | none (from scratch) | cam (this run's trained CAM network's backbone, the demo's head
+    # start without downloadable weights) | a ResNet weights file URI of segmenter.depth
+    backbone_init: str = "imagenet"
     epochs: int = 30  # passes over the training images
     max_steps: int | None = None  # cap on optimiser steps; None = epochs decide
     batch_size: int = 16  # images per optimiser step, split over the workers (DeepLab: 2+ per worker, BatchNorm)
@@ -388,6 +396,9 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.synthesis.density_sigma}")
     if cfg.cams.source and cfg.train_irn.backbone_init == "cam":
         raise ConfigError("train_irn.backbone_init: 'cam' takes the CAM network's backbone, but cams.source "
+                          "replaces the CAM network; use imagenet, none or a weights file URI")
+    if cfg.cams.source and cfg.segmenter.backbone_init == "cam":
+        raise ConfigError("segmenter.backbone_init: 'cam' takes the CAM network's backbone, but cams.source "
                           "replaces the CAM network; use imagenet, none or a weights file URI")
     if not cfg.run.root:
         raise ConfigError("run.root: must name a directory or URI for the outputs")

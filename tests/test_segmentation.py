@@ -184,3 +184,32 @@ def test_segmenter_backbones_load_from_a_weights_file(tmp_path):
     torch.save({"not": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="ResNet-50"):
         build_segmenter("maskrcnn", 3, backbone_init=str(path))
+
+
+def test_resnet18_segmenters_take_a_cam_network_backbone(tmp_path):
+    """segmenter.depth 18 + backbone_init cam: both segmenters start from the CAM network's
+    ResNet-18 body, DeepLab at output stride 8, Mask R-CNN trains in both modes; a depth mismatch
+    names the key to set."""
+    from pipeline.models.cam_net import build_cam_net
+    from pipeline.models.segmenters import build_segmenter
+
+    torch.manual_seed(0)
+    cam = build_cam_net(num_classes=3, depth=18, backbone_init="none", from_scratch=True)
+    path = tmp_path / "cam.pt"
+    torch.save(cam.state_dict(), path)
+    cam_conv = cam.state_dict()["backbone.conv1.weight"]
+    deeplab = build_segmenter("deeplab", 3, depth=18, backbone_init=str(path))
+    assert torch.equal(deeplab.backbone.conv1.weight, cam_conv)
+    out = deeplab.eval()(torch.zeros(1, 3, 64, 64))["out"]
+    assert out.shape == (1, 4, 64, 64)
+    assert deeplab.backbone(torch.zeros(1, 3, 64, 64))["out"].shape[-1] == 8  # output stride 8
+    maskrcnn = build_segmenter("maskrcnn", 3, depth=18, backbone_init=str(path), min_size=64, max_size=96)
+    assert torch.equal(maskrcnn.backbone.body.conv1.weight, cam_conv)
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:30, 12:40] = 1
+    target = {"boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([2]), "masks": masks}
+    losses = maskrcnn.train()([torch.rand(3, 64, 64)], [target])
+    sum(losses.values()).backward()
+    assert maskrcnn.backbone.body.layer4[0].conv1.weight.grad is not None
+    with pytest.raises(ValueError, match="segmenter.depth"):
+        build_segmenter("maskrcnn", 3, depth=50, backbone_init=str(path))

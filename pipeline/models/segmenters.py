@@ -4,8 +4,14 @@
   equivalent of the paper's DeepLab v2-ResNet-50 (torchvision has no v2);
 * ``maskrcnn``: ``maskrcnn_resnet50_fpn`` (ResNet-50-FPN), the paper's Mask R-CNN.
 
-Backbones start from ImageNet (``imagenet``, where torchvision can download it), a ResNet-50 state
-dict file, or nothing (``none``: trained from scratch, every layer with updating BatchNorm).
+``depth=18`` builds the same heads on a ResNet-18 body for small runs: Mask R-CNN through
+torchvision's FPN extractor; DeepLab's ASPP head on a ResNet-18 at output stride 8 (the stride of
+layer3 and layer4 set to 1: torchvision's BasicBlock has no dilation, so the receptive field is
+smaller than ResNet-50's dilated one).
+
+Backbones start from ImageNet (``imagenet``, where torchvision can download it), a ResNet state
+dict file of the same depth (e.g. the run's CAM network: ``segmenter.backbone_init: cam``), or
+nothing (``none``: trained from scratch, every layer with updating BatchNorm).
 Class ids 1..C are the model's classes 1..C; 0 is background.
 """
 
@@ -19,6 +25,7 @@ import torchvision
 from torch import nn
 
 MODELS = ("deeplab", "maskrcnn")
+DEPTHS = (18, 50)
 
 
 def _backbone_state(source: str | BinaryIO) -> dict[str, torch.Tensor]:
@@ -27,52 +34,75 @@ def _backbone_state(source: str | BinaryIO) -> dict[str, torch.Tensor]:
     return extract_backbone_state(load_state_dict_file(source))
 
 
-def build_segmenter(model: str, num_classes: int, *, backbone_init: str | BinaryIO = "none",
+def build_segmenter(model: str, num_classes: int, *, depth: int = 50, backbone_init: str | BinaryIO = "none",
                     min_size: int = 800, max_size: int = 1333) -> nn.Module:
     """A torchvision segmenter for ``num_classes`` foreground classes (+ background).
 
     Args:
         model: 'deeplab' or 'maskrcnn'.
-        backbone_init: 'imagenet', 'none', or a ResNet-50 state dict (path or binary file).
+        depth: 50 (the paper's) or 18 (small runs).
+        backbone_init: 'imagenet', 'none', or a ResNet state dict of ``depth`` (path or binary file).
         min_size, max_size: Mask R-CNN's own input resizing (GeneralizedRCNNTransform).
     Returns: the model on CPU, float32, in train mode. DeepLab maps [B, 3, H, W] (normalised) to
         {"out": logits [B, C + 1, H, W]}; Mask R-CNN takes lists of [3, H, W] images in [0, 1].
     """
+    if model not in MODELS:
+        raise ValueError(f"segmenter.model must be one of {MODELS}, got {model!r}")
+    if depth not in DEPTHS:
+        raise ValueError(f"segmenter.depth must be one of {DEPTHS}, got {depth!r}")
     imagenet = isinstance(backbone_init, str) and backbone_init == "imagenet"
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if imagenet else None
     from_file = not isinstance(backbone_init, str) or backbone_init not in ("none", "imagenet")
-    if model == "maskrcnn" and from_file:
-        # As torchvision builds it from ImageNet weights: frozen BatchNorm, the last 3 stages train
-        # (detection batches are too small for BatchNorm statistics).
+    resnet = getattr(torchvision.models, f"resnet{depth}")
+    weights = torchvision.models.get_model_weights(resnet).IMAGENET1K_V1 if imagenet else None
+    if model == "maskrcnn" and (from_file or depth != 50):
+        # As torchvision builds it from pretrained weights: frozen BatchNorm, the last 3 stages train
+        # (detection batches are too small for BatchNorm statistics); from scratch every stage
+        # trains with updating BatchNorm, as maskrcnn_resnet50_fpn does without weights.
         from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
         from torchvision.ops import FrozenBatchNorm2d
 
-        resnet = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
-        _load_backbone(resnet, backbone_init)
-        return torchvision.models.detection.MaskRCNN(_resnet_fpn_extractor(resnet, 3), num_classes=num_classes + 1,
-                                                     min_size=min_size, max_size=max_size)
+        pretrained = from_file or imagenet
+        body = resnet(weights=weights, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+        if from_file:
+            _load_backbone(body, backbone_init, depth)
+        return torchvision.models.detection.MaskRCNN(_resnet_fpn_extractor(body, 3 if pretrained else 5),
+                                                     num_classes=num_classes + 1, min_size=min_size,
+                                                     max_size=max_size)
+    if model == "deeplab" and depth == 18:
+        from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+
+        body = resnet(weights=weights)
+        for layer in (body.layer3, body.layer4):  # output stride 8
+            layer[0].conv1.stride = (1, 1)
+            layer[0].downsample[0].stride = (1, 1)
+        if from_file:
+            _load_backbone(body, backbone_init, depth)
+        return DeepLabV3(IntermediateLayerGetter(body, {"layer4": "out"}), DeepLabHead(512, num_classes + 1))
     if model == "deeplab":
         net = torchvision.models.segmentation.deeplabv3_resnet50(
             weights=None, weights_backbone=weights, num_classes=num_classes + 1, aux_loss=False)
         body = net.backbone
-    elif model == "maskrcnn":
+    else:
         net = torchvision.models.detection.maskrcnn_resnet50_fpn(
             weights=None, weights_backbone=weights, num_classes=num_classes + 1, min_size=min_size,
             max_size=max_size, trainable_backbone_layers=3 if imagenet else None)
         body = net.backbone.body
-    else:
-        raise ValueError(f"segmenter.model must be one of {MODELS}, got {model!r}")
     if from_file:
-        _load_backbone(body, backbone_init)
+        _load_backbone(body, backbone_init, depth)
     return net
 
 
-def _load_backbone(body: nn.Module, source: str | BinaryIO) -> None:
-    """Load a ResNet-50 state dict into ``body`` (its keys; BatchNorm counters are optional)."""
+def _load_backbone(body: nn.Module, source: str | BinaryIO, depth: int) -> None:
+    """Load a ResNet-``depth`` state dict into ``body`` (its keys; BatchNorm counters are optional)."""
     state = _backbone_state(io.BytesIO(source.read()) if hasattr(source, "read") else source)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same keys, other shapes: another depth
+        raise ValueError(f"segmenter.backbone_init is not a ResNet-{depth} state dict; set segmenter.depth to the "
+                         f"weights' depth ({str(err).splitlines()[-1].strip()[:120]})") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if unexpected or len(missing) == len(body.state_dict()):
-        raise ValueError(f"segmenter.backbone_init is not a ResNet-50 state dict ({len(unexpected)} unexpected, "
-                         f"{len(missing)} missing keys)")
+        raise ValueError(f"segmenter.backbone_init is not a ResNet-{depth} state dict ({len(unexpected)} unexpected, "
+                         f"{len(missing)} missing keys); set segmenter.depth to the weights' depth")

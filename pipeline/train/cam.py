@@ -21,8 +21,7 @@ from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.transforms import cam_train_sample, held_out_input
 from pipeline.io import layout, storage
 from pipeline.models.cam_net import build_cam_net
-from pipeline.stages.common import dataset
-from pipeline.train import common
+from pipeline.train import common, inputs
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +53,34 @@ def held_out_map(model: torch.nn.Module, batches, device: torch.device) -> tuple
     return classification_map(np.concatenate(scores), targets_all)["mean"], len(targets_all)
 
 
-class CamTrainBatch:
-    """Ray Data map: rows (uri, target) -> augmented crops. Undecodable images are dropped here
-    (and quarantined by the CAM inference stage, which decodes every image)."""
+class CamSamples:
+    """Sample maker (pipeline.train.inputs) of the CAM network: rows (uri, target) -> augmented
+    crops. Undecodable images are left out here (the probe before training quarantines them)."""
 
-    def __init__(self, *, resize_long: list[int], crop: int, max_pixels: int, seed: int | None = None):
+    decoded_keys = sample_keys = ("image", "target")
+
+    def __init__(self, *, resize_long: list[int], crop: int, max_pixels: int):
         self.resize_long, self.crop, self.max_pixels = tuple(resize_long), crop, max_pixels
-        self.rng = np.random.default_rng(seed)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, targets = [], []
-        for uri, target in zip(batch["uri"], batch["target"]):
-            try:
-                image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
-            except (ImageDecodeError, OSError) as err:
-                log.warning("skipping %s in CAM training: %s", uri, err)
-                continue
-            images.append(cam_train_sample(image, self.rng, resize_long=self.resize_long, crop=self.crop))
-            targets.append(np.asarray(target, np.float32))
-        if not images:
-            return {"image": np.zeros((0, 3, self.crop, self.crop), np.float32),
-                    "target": np.zeros((0, len(batch["target"][0]) if len(batch["target"]) else 0), np.float32)}
-        return {"image": np.stack(images), "target": np.stack(targets)}
+    def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        try:
+            image = decode_image(storage.read_bytes(str(row["uri"])), max_pixels=self.max_pixels)
+        except (ImageDecodeError, OSError) as err:
+            log.warning("skipping %s in CAM training: %s", row["uri"], err)
+            return None
+        return {"image": image, "target": np.asarray(row["target"], np.float32)}
+
+    def augment(self, decoded: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"image": cam_train_sample(np.asarray(decoded["image"]), rng, resize_long=self.resize_long,
+                                          crop=self.crop), "target": decoded["target"]}
+
+    def collate(self, rows: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
+        return {"image": inputs.stack(rows, "image", device, np.float32),
+                "target": inputs.stack(rows, "target", device, np.float32)}
+
+
+def cam_samples(config: dict[str, Any]) -> CamSamples:
+    return CamSamples(resize_long=config["resize_long"], crop=config["crop_size"], max_pixels=config["max_pixels"])
 
 
 def train_cam_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -113,19 +118,12 @@ def train_cam_loop(config: dict[str, Any]) -> dict[str, Any]:
                 dist.broadcast(value, src=0)
             return float(value[0])
 
-    return common.fit_epochs("train_cam", model, optimizer, config, loss_fn, score=score)
+    maker = cam_samples(config)
 
+    def batches(shard, batch_size: int, seed: int, device: torch.device):
+        return inputs.augmented_batches(maker, shard, batch_size, seed, device, decoded=config["decode_once"])
 
-def cam_train_dataset(table_ref, cfg: Config):
-    """Ray Dataset of augmented training crops from a table (uri, target) made by a planning task."""
-    import ray.data
-
-    section = cfg.train_cam
-    return dataset(table_ref, 16).randomize_block_order().map_batches(
-        CamTrainBatch, fn_constructor_kwargs={"resize_long": section.resize_long, "crop": section.crop_size,
-                                              "max_pixels": cfg.data.max_pixels},
-        batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
-        num_cpus=0.5)
+    return common.fit_epochs("train_cam", model, optimizer, config, loss_fn, score=score, batches=batches)
 
 
 def held_out_batches(rows: list[dict[str, Any]], size: int, max_pixels: int):
@@ -157,10 +155,12 @@ def train_cam(cfg: Config, table_ref, num_images: int, classes: list[str], *, na
     max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers)
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
+    decode_once = inputs.decodes_once(num_images, cfg.run.decode_once_max_images)
     loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step, "seed": cfg.run.seed,
-                   "held_out_rows": list(held_out_rows), "max_pixels": cfg.data.max_pixels}
+                   "held_out_rows": list(held_out_rows), "max_pixels": cfg.data.max_pixels, "decode_once": decode_once}
+    data = inputs.training_dataset(table_ref, cam_samples(loop_config), decode_once=decode_once)
     result = common.run_trainer(
-        train_cam_loop, loop_config, {"train": cam_train_dataset(table_ref, cfg)}, root=cfg.run.root,
+        train_cam_loop, loop_config, {"train": data}, root=cfg.run.root,
         name=name, num_workers=section.num_workers, use_gpu=section.use_gpu,
         cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures)
     return common.export_model(result, layout.model_file(cfg.run.root, "cam"),

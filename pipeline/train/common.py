@@ -130,6 +130,8 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # torch's threads follow the CPUs the worker holds (Ray's default: 1)
+        torch.set_num_threads(max(1, round(config.get("cpus_per_worker", 1))))
     state = load_checkpoint(ray.train.get_checkpoint())
     start_epoch, step = 0, 0
     best: dict[str, Any] = {}

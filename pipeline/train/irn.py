@@ -23,58 +23,58 @@ from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.transforms import irn_train_sample, normalize
 from pipeline.io import codecs, layout, storage
 from pipeline.models.irnet import build_irnet
-from pipeline.stages.common import dataset
-from pipeline.train import common
+from pipeline.train import common, inputs
 from pipeline.train.cam import backbone_source
 
 log = logging.getLogger(__name__)
 
 
-class IrnTrainBatch:
-    """Ray Data map: rows (uri, relation_uri) -> augmented crops and stride-4 relation maps.
+class IrnSamples:
+    """Sample maker (pipeline.train.inputs) of IRNet: rows (uri, relation_uri) -> augmented crops
+    and stride-4 relation maps; :meth:`plain` gives the normalised image padded/cropped at the top
+    left, for measuring the mean displacement."""
 
-    With ``augment=False`` it yields the plain normalised image padded/cropped at the top left,
-    for measuring the mean displacement.
-    """
+    decoded_keys = ("image", "relation")
+    sample_keys = ("image", "relation")
 
-    def __init__(self, *, rescale: list[float], crop: int, max_pixels: int, augment: bool = True,
-                 seed: int | None = None):
-        self.rescale, self.crop, self.max_pixels, self.augment = tuple(rescale), crop, max_pixels, augment
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, *, rescale: list[float], crop: int, max_pixels: int):
+        self.rescale, self.crop, self.max_pixels = tuple(rescale), crop, max_pixels
 
-    def _plain(self, image: np.ndarray, relation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        uri = row["uri"]
+        try:
+            image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
+            relation = codecs.decode_label_png(storage.read_bytes(str(row["relation_uri"])))
+        except (ImageDecodeError, OSError, ValueError) as err:
+            log.warning("skipping %s in IRNet training: %s", uri, err)
+            return None
+        if relation.shape != image.shape[:2]:
+            log.warning("skipping %s: relation map %s does not match image %s", uri, relation.shape, image.shape[:2])
+            return None
+        return {"image": image, "relation": relation}
+
+    def augment(self, decoded: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        crop, label = irn_train_sample(np.asarray(decoded["image"]), np.asarray(decoded["relation"]), rng,
+                                       rescale=self.rescale, crop=self.crop)
+        return {"image": crop, "relation": np.ascontiguousarray(downsample_labels(label))}
+
+    def plain(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        image, relation = np.asarray(decoded["image"]), np.asarray(decoded["relation"])
         norm = normalize(image[: self.crop, : self.crop])
         relation = relation[: self.crop, : self.crop]
         out_image = np.zeros((3, self.crop, self.crop), np.float32)
         out_label = np.full((self.crop, self.crop), 255, np.uint8)
         out_image[:, : norm.shape[1], : norm.shape[2]] = norm
         out_label[: relation.shape[0], : relation.shape[1]] = relation
-        return out_image, out_label
+        return {"image": out_image, "relation": np.ascontiguousarray(downsample_labels(out_label))}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, relations = [], []
-        for uri, relation_uri in zip(batch["uri"], batch["relation_uri"]):
-            try:
-                image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
-                relation = codecs.decode_label_png(storage.read_bytes(str(relation_uri)))
-            except (ImageDecodeError, OSError, ValueError) as err:
-                log.warning("skipping %s in IRNet training: %s", uri, err)
-                continue
-            if relation.shape != image.shape[:2]:
-                log.warning("skipping %s: relation map %s does not match image %s", uri,
-                            relation.shape, image.shape[:2])
-                continue
-            if self.augment:
-                crop, label = irn_train_sample(image, relation, self.rng, rescale=self.rescale, crop=self.crop)
-            else:
-                crop, label = self._plain(image, relation)
-            images.append(crop)
-            relations.append(np.ascontiguousarray(downsample_labels(label)))
-        grid = -(-self.crop // 4)
-        if not images:
-            return {"image": np.zeros((0, 3, self.crop, self.crop), np.float32),
-                    "relation": np.zeros((0, grid, grid), np.uint8)}
-        return {"image": np.stack(images), "relation": np.stack(relations).astype(np.uint8)}
+    def collate(self, rows: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
+        return {"image": inputs.stack(rows, "image", device, np.float32),
+                "relation": inputs.stack(rows, "relation", device, np.uint8)}
+
+
+def irn_samples(config: dict[str, Any]) -> IrnSamples:
+    return IrnSamples(rescale=config["rescale"], crop=config["crop_size"], max_pixels=config["max_pixels"])
 
 
 def _pair_labels(relations: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,15 +83,14 @@ def _pair_labels(relations: torch.Tensor, radius: int) -> tuple[torch.Tensor, to
     return tuple(torch.stack([labels[k] for labels in per_image]).float() for k in range(3))
 
 
-def _mean_displacement(model: torch.nn.Module, shard, device: torch.device, batch_size: int,
-                       bf16: bool) -> torch.Tensor:
+def _mean_displacement(model: torch.nn.Module, batches, device: torch.device, bf16: bool) -> torch.Tensor:
     """Mean raw displacement [2] over this worker's images, averaged over workers."""
     import torch.distributed as dist
 
     total, count = torch.zeros(2, dtype=torch.float64, device=device), torch.zeros(1, dtype=torch.float64, device=device)
     model.eval()  # the mean displacement is still zero: raw output, BatchNorm on its statistics
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        for batch in batches:
             with common.autocast(device, bf16):
                 displacement = model(batch["image"]).displacement.float()
             total += displacement.sum(dim=(0, 2, 3)).double()
@@ -126,33 +125,34 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
             out = net(batch["image"])
         return irn_losses(out.boundary_logits.float(), out.displacement.float(), bg, fg, neg, radius=radius)["total"]
 
+    maker = irn_samples(config)
+
+    def batches(shard, batch_size: int, seed: int, device: torch.device):
+        return inputs.augmented_batches(maker, shard, batch_size, seed, device, decoded=config["decode_once"])
+
     def finish(net: torch.nn.Module) -> dict[str, Any]:
         world = ray.train.get_context().get_world_size()
-        mean = _mean_displacement(net, ray.train.get_dataset_shard("mean"), ray.train.torch.get_device(),
-                                  max(1, config["batch_size"] // world), config["bf16"])
+        device = ray.train.torch.get_device()
+        # Decoded once: the training images themselves, plain; else the streamed 'mean' dataset.
+        decoded = config["decode_once"]
+        shard = ray.train.get_dataset_shard("train" if decoded else "mean")
+        plain = inputs.augmented_batches(maker, shard, max(1, config["batch_size"] // world), config["seed"],
+                                         device, decoded=decoded, augment=False)
+        mean = _mean_displacement(net, plain, device, config["bf16"])
         common.unwrap(net).set_mean_displacement(mean)
         return {"mean_displacement": mean.tolist()}
 
-    return common.fit_epochs("train_irn", model, optimizer, config, loss_fn, finish)
+    return common.fit_epochs("train_irn", model, optimizer, config, loss_fn, finish, batches=batches)
 
 
-def irn_train_datasets(table_ref, cfg: Config) -> dict:
-    """Ray Datasets 'train' (augmented) and 'mean' (plain) from a table (uri, relation_uri) made
-    by a planning task."""
-    import ray.data
-
-    section = cfg.train_irn
-    source = dataset(table_ref, 16)
-    # 0.25 CPU per decode actor: with the trainer's CPU, both datasets' pools fit on 2 cores.
-    kwargs = {"batch_size": 8, "batch_format": "numpy", "num_cpus": 0.25,
-              "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=2)}
-    common_args = {"rescale": section.rescale, "crop": section.crop_size, "max_pixels": cfg.data.max_pixels}
-    return {
-        "train": source.randomize_block_order().map_batches(
-            IrnTrainBatch, fn_constructor_kwargs={**common_args, "augment": True}, **kwargs),
-        "mean": source.map_batches(IrnTrainBatch, fn_constructor_kwargs={**common_args, "augment": False},
-                                   **kwargs),
-    }
+def irn_train_datasets(table_ref, maker: IrnSamples, *, decode_once: bool) -> dict:
+    """Ray Datasets from a table (uri, relation_uri) made by a planning task: 'train' (decoded
+    once, or streamed augmented), and when streamed 'mean' (plain inputs)."""
+    # 0.25 CPU per decode actor: with the trainer's CPU, both streamed datasets' pools fit on 2 cores.
+    if decode_once:
+        return {"train": inputs.training_dataset(table_ref, maker, decode_once=True, actor_cpus=0.25)}
+    return {"train": inputs.training_dataset(table_ref, maker, decode_once=False, actor_cpus=0.25),
+            "mean": inputs.training_dataset(table_ref, maker, decode_once=False, augment=False, actor_cpus=0.25)}
 
 
 def train_irn(cfg: Config, table_ref, num_images: int, *, name: str = "irn") -> dict[str, Any]:
@@ -162,10 +162,12 @@ def train_irn(cfg: Config, table_ref, num_images: int, *, name: str = "irn") -> 
     max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers)
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
-    loop_config = {**vars(section), "max_step": max_step, "seed": cfg.run.seed,
-                   "cam_model_uri": layout.model_file(cfg.run.root, "cam")}
+    decode_once = inputs.decodes_once(num_images, cfg.run.decode_once_max_images)
+    loop_config = {**vars(section), "max_step": max_step, "seed": cfg.run.seed, "max_pixels": cfg.data.max_pixels,
+                   "cam_model_uri": layout.model_file(cfg.run.root, "cam"), "decode_once": decode_once}
+    datasets = irn_train_datasets(table_ref, irn_samples(loop_config), decode_once=decode_once)
     result = common.run_trainer(
-        train_irn_loop, loop_config, irn_train_datasets(table_ref, cfg), root=cfg.run.root, name=name,
+        train_irn_loop, loop_config, datasets, root=cfg.run.root, name=name,
         num_workers=section.num_workers, use_gpu=section.use_gpu,
         cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures)
     return common.export_model(result, layout.model_file(cfg.run.root, "irn"),

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from pipeline import ledger
 from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.segmentation import instance_masks, instance_train_sample, semantic_train_sample
-from pipeline.io import codecs, storage, tables
+from pipeline.io import codecs, layout, storage, tables
 from pipeline.models.segmenters import build_segmenter
 from pipeline.stages import plan
-from pipeline.stages.common import dataset
-from pipeline.train import common
+from pipeline.train import common, inputs
 
 log = logging.getLogger(__name__)
 COLUMNS = ["uri", "semantic_uri", "instance_uri", "instance_classes"]
@@ -79,67 +78,57 @@ def segmenter_rows(labels_dir: str, manifest_dir: str, classes: list[str], *, la
     return table, table.num_rows
 
 
-class SegmenterBatch:
-    """Ray Data map: rows (COLUMNS) -> augmented training samples of ``model``; a row whose files
-    do not decode is left out."""
+class SegmenterSamples:
+    """Sample maker (pipeline.train.inputs) of ``model``: rows (COLUMNS) -> augmented samples
+    (DeepLab: image, target; Mask R-CNN: image, masks, boxes, labels); a row whose files do not
+    decode is left out."""
 
-    def __init__(self, *, model: str, base_size: int, crop_size: int, max_pixels: int, seed: int | None = None):
+    def __init__(self, *, model: str, base_size: int, crop_size: int, max_pixels: int):
         self.model, self.base, self.crop, self.max_pixels = model, base_size, crop_size, max_pixels
-        self.rng = np.random.default_rng(seed)  # None (training): fresh draws in every actor and epoch
+        self.decoded_keys = ("image", "label") if model == "deeplab" else ("image", "masks", "labels")
+        self.sample_keys = ("image", "target") if model == "deeplab" else ("image", "masks", "boxes", "labels")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, list] = {k: [] for k in (("image", "target") if self.model == "deeplab"
-                                                else ("image", "masks", "boxes", "labels"))}
-        for uri, semantic_uri, instance_uri, classes in zip(batch["uri"], batch["semantic_uri"],
-                                                            batch["instance_uri"], batch["instance_classes"]):
-            try:
-                image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
-                if self.model == "deeplab":
-                    label = codecs.decode_label_png(storage.read_bytes(str(semantic_uri)))
-                else:
-                    ids = codecs.decode_label_png(storage.read_bytes(str(instance_uri)))
-                    masks, labels = instance_masks(ids, {int(k): v for k, v in json.loads(str(classes)).items()})
-                    label = ids
-            except (ImageDecodeError, OSError, ValueError) as err:
-                log.warning("skipping %s in segmenter training: %s", uri, err)
-                continue
-            if label.shape != image.shape[:2]:
-                log.warning("skipping %s: labels %s do not match the image %s", uri, label.shape, image.shape[:2])
-                continue
-            if self.model == "deeplab":
-                x, target = semantic_train_sample(image, label, self.rng, base_size=self.base, crop_size=self.crop)
-                out["image"].append(x)
-                out["target"].append(target)
-            else:
-                x, masks, boxes = instance_train_sample(image, masks, self.rng)
-                out["image"].append(x)
-                out["masks"].append(masks)
-                out["boxes"].append(boxes)
-                out["labels"].append(labels)
+    def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        uri = row["uri"]
+        try:
+            image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
+            column = "semantic_uri" if self.model == "deeplab" else "instance_uri"
+            label = codecs.decode_label_png(storage.read_bytes(str(row[column])))
+        except (ImageDecodeError, OSError, ValueError) as err:
+            log.warning("skipping %s in segmenter training: %s", uri, err)
+            return None
+        if label.shape != image.shape[:2]:
+            log.warning("skipping %s: labels %s do not match the image %s", uri, label.shape, image.shape[:2])
+            return None
         if self.model == "deeplab":
-            if not out["image"]:
-                return {"image": np.zeros((0, 3, self.crop, self.crop), np.float32),
-                        "target": np.zeros((0, self.crop, self.crop), np.int64)}
-            return {"image": np.stack(out["image"]), "target": np.stack(out["target"])}
-        return {k: _objects(v) for k, v in out.items()}
+            return {"image": image, "label": label}
+        masks, labels = instance_masks(label, {int(k): v for k, v in json.loads(str(row["instance_classes"])).items()})
+        return {"image": image, "masks": masks, "labels": labels}
+
+    def augment(self, decoded: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = np.asarray(decoded["image"])
+        if self.model == "deeplab":
+            x, target = semantic_train_sample(image, np.asarray(decoded["label"]), rng, base_size=self.base,
+                                              crop_size=self.crop)
+            return {"image": x, "target": target}
+        x, masks, boxes = instance_train_sample(image, np.asarray(decoded["masks"], np.uint8), rng)
+        return {"image": x, "masks": masks, "boxes": boxes, "labels": np.asarray(decoded["labels"], np.int64)}
+
+    def collate(self, rows: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, Any]:
+        if self.model == "deeplab":
+            return {"image": inputs.stack(rows, "image", device, np.float32),
+                    "target": inputs.stack(rows, "target", device, np.int64)}
+        # Mask R-CNN: lists of images and target dicts (images differ in size).
+        return {"image": [torch.as_tensor(np.asarray(r["image"], np.float32), device=device) for r in rows],
+                "targets": [{"boxes": torch.as_tensor(np.asarray(r["boxes"], np.float32), device=device).reshape(-1, 4),
+                             "labels": torch.as_tensor(np.asarray(r["labels"], np.int64), device=device),
+                             "masks": torch.as_tensor(np.asarray(r["masks"], np.uint8), device=device)}
+                            for r in rows]}
 
 
-def _objects(values: list) -> np.ndarray:
-    array = np.empty(len(values), dtype=object)
-    array[:] = values
-    return array
-
-
-def _detection_batches(shard, batch_size: int, seed: int, device: torch.device):
-    """Mask R-CNN batches: lists of images and target dicts (images differ in size)."""
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
-        images = [torch.as_tensor(x, device=device) for x in batch["image"]]
-        targets = [{"boxes": torch.as_tensor(b, device=device).reshape(-1, 4),
-                    "labels": torch.as_tensor(np.asarray(c, np.int64), device=device),
-                    "masks": torch.as_tensor(np.asarray(m, np.uint8), device=device)}
-                   for b, c, m in zip(batch["boxes"], batch["labels"], batch["masks"])]
-        yield {"image": images, "targets": targets}
+def segmenter_samples(config: dict[str, Any]) -> SegmenterSamples:
+    return SegmenterSamples(model=config["model"], base_size=config["base_size"], crop_size=config["crop_size"],
+                            max_pixels=config["max_pixels"])
 
 
 def train_segmenter_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -148,41 +137,43 @@ def train_segmenter_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(config["seed"])
     init = config["backbone_init"]
     source = init if init in ("none", "imagenet") else io.BytesIO(storage.read_bytes(init))
-    net = build_segmenter(config["model"], config["num_classes"], backbone_init=source,
+    net = build_segmenter(config["model"], config["num_classes"], depth=config["depth"], backbone_init=source,
                           min_size=config["min_size"], max_size=config["max_size"])
     optimizer = common.make_optimizer([([p for p in net.parameters() if p.requires_grad], config["lr"])],
                                       config["weight_decay"], config["optimizer"], config["momentum"])
+    maker = segmenter_samples(config)
+
+    def batches(shard, batch_size: int, seed: int, device: torch.device):
+        return inputs.augmented_batches(maker, shard, batch_size, seed, device, decoded=config["decode_once"],
+                                        drop_last=config["drop_last"])
+
     if config["model"] == "deeplab":
         def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             with common.autocast(batch["image"].device, config["bf16"]):
                 logits = model(batch["image"])["out"]
             return F.cross_entropy(logits.float(), batch["target"], ignore_index=255)
-        return common.fit_epochs(f"train_{config['model']}", net, optimizer, config, loss_fn)
+    else:
+        def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            with common.autocast(batch["image"][0].device, config["bf16"]):
+                losses = model(batch["image"], batch["targets"])
+            return sum(v.float() for v in losses.values())
 
-    def detection_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        with common.autocast(batch["image"][0].device, config["bf16"]):
-            losses = model(batch["image"], batch["targets"])
-        return sum(v.float() for v in losses.values())
-
-    return common.fit_epochs(f"train_{config['model']}", net, optimizer, config, detection_loss,
-                             batches=_detection_batches)
+    return common.fit_epochs(f"train_{config['model']}", net, optimizer, config, loss_fn, batches=batches)
 
 
 def train_segmenter(cfg, table_ref, num_images: int, classes: list[str], *, name: str, model_uri: str) -> dict[str, Any]:
     """Train ``segmenter.model`` on the rows behind ``table_ref`` and export it to ``model_uri``."""
-    import ray.data
-
     section = cfg.segmenter
     max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers,
                                                        drop_last=section.model == "deeplab")
     if section.max_steps is not None:
         max_step = min(max_step, section.max_steps)
+    decode_once = inputs.decodes_once(num_images, cfg.run.decode_once_max_images)
     loop_config = {**vars(section), "num_classes": len(classes), "max_step": max_step, "seed": cfg.run.seed,
-                   "poly_power": 0.9, "drop_last": section.model == "deeplab"}  # BatchNorm: no batch of one
-    data = dataset(table_ref, 8).randomize_block_order().map_batches(
-        SegmenterBatch, fn_constructor_kwargs={"model": section.model, "base_size": section.base_size,
-                                               "crop_size": section.crop_size, "max_pixels": cfg.data.max_pixels},
-        batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5)
+                   "poly_power": 0.9, "drop_last": section.model == "deeplab",  # BatchNorm: no batch of one
+                   "max_pixels": cfg.data.max_pixels, "decode_once": decode_once,
+                   "backbone_init": backbone_weights(cfg)}
+    data = inputs.training_dataset(table_ref, segmenter_samples(loop_config), decode_once=decode_once, rows_per_block=8)
     result = common.run_trainer(train_segmenter_loop, loop_config, {"train": data}, root=cfg.run.root, name=name,
                                 num_workers=section.num_workers, use_gpu=section.use_gpu,
                                 cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures)
@@ -190,12 +181,27 @@ def train_segmenter(cfg, table_ref, num_images: int, classes: list[str], *, name
                                                    "config": vars(section), "num_images": num_images})
 
 
+def backbone_weights(cfg) -> str:
+    """``segmenter.backbone_init`` resolved: ``cam`` is the run's exported CAM network."""
+    init = cfg.segmenter.backbone_init
+    if init != "cam":
+        return init
+    uri = layout.model_file(cfg.run.root, "cam")
+    if not storage.exists(uri):
+        raise ValueError(f"segmenter.backbone_init: cam needs the run's trained CAM network ({uri}), and this run has "
+                         "none (cams.source gives its CAMs); use none, imagenet or a weights file")
+    depth = json.loads(storage.read_text(uri + ".json"))["config"]["depth"]
+    if depth != cfg.segmenter.depth:
+        raise ValueError(f"segmenter.backbone_init: cam is a ResNet-{depth}; set segmenter.depth={depth}")
+    return uri
+
+
 def load_segmenter(model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An exported segmenter (eval mode) and its metadata."""
     meta = json.loads(storage.read_text(model_uri + ".json"))
     section = meta["config"]
-    net = build_segmenter(meta["network"], len(meta["classes"]), min_size=section["min_size"],
-                          max_size=section["max_size"])
+    net = build_segmenter(meta["network"], len(meta["classes"]), depth=section.get("depth", 50),
+                          min_size=section["min_size"], max_size=section["max_size"])
     net.load_state_dict(common.load_exported(model_uri), strict=True)
     return net.eval(), meta
 
