@@ -10,6 +10,7 @@ the driver). The keys, and so what changes them:
 =========== ================================================================ ========================
 key         made from                                                        recorded in
 =========== ================================================================ ========================
+probe       ``data.max_pixels``                                              ``key`` of probe rows
 train_cam   ``train_cam`` settings, classes                                  run.json stages
 cams        hash of the CAM model file (or the ``cams.source``), classes,    run.json stages
             ``cams``/``relations`` settings, ``data.max_pixels``
@@ -21,6 +22,10 @@ label row   H(synthesis key, CAM row key)                                    ``k
 
 So a nightly run (``run.retrain: auto``):
 
+* decodes once the manifest images without a probe row or probe quarantine row of their uri and
+  key (new or moved images; all of them after ``--from-stage probe``). An image that does not
+  decode is quarantined (stage ``probe``) and every later stage, training included, reads the
+  manifest without it (``manifest/<stamp>/unreadable.parquet``, see :func:`plan_probe`);
 * retrains a network only when its key changed, its model is missing, or a run died mid-training
   (it then resumes from the checkpoint);
 * computes CAMs and relations for manifest rows without a CAM row of their current key: new
@@ -88,6 +93,11 @@ def settings(section: Any, *, training: bool = False) -> dict[str, Any]:
 def file_fingerprint(uri: str) -> str:
     """Content hash of a (model) file, so retraining invalidates what was computed from it."""
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+
+
+def probe_key(cfg) -> str:
+    """What decides whether an image decodes: the pixel limit (pipeline.data.images)."""
+    return fingerprint({"probe": {"max_pixels": cfg.data.max_pixels}})
 
 
 def train_cam_key(cfg, classes: list[str]) -> str:
@@ -197,12 +207,15 @@ def needs_training(state: RunState, network: str, key: str, *, policy: str, forc
     return needed, resume
 
 
-def claim_stage_outputs(state: RunState, stage: str, key: str, directories: list[str]) -> None:
-    """Make ``directories`` hold outputs of ``key`` only: when the stage's key changed, its old
-    outputs can never be done again, so they are removed (their rows would be skipped anyway)."""
+def claim_stage_outputs(state: RunState, stage: str, key: str, directories: list[str], *,
+                        forced: bool = False) -> None:
+    """Make ``directories`` (or files) hold outputs of ``key`` only: when the stage's key changed,
+    its old outputs can never be done again, so they are removed (their rows would be skipped
+    anyway); ``forced`` removes them too, so the stage redoes everything."""
     previous = state.stage(stage).get("key")
-    if previous is not None and previous != key:
-        log.warning("inputs of stage %s changed; discarding its previous outputs", stage)
+    if forced or (previous is not None and previous != key):
+        if previous is not None and previous != key:
+            log.warning("inputs of stage %s changed; discarding its previous outputs", stage)
         for directory in directories:
             storage.remove(directory, recursive=True)
     if previous != key:
@@ -269,18 +282,23 @@ def write_quarantine(root: str, stage: str, records: list[dict[str, str]]) -> No
                          pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA))
 
 
+def quarantine_files(root: str, stage: str) -> list[str]:
+    """The quarantine shards ``stage`` wrote in this run root."""
+    return [u for u in storage.list_files(layout.quarantine_dir(root), ".parquet")
+            if u.rsplit("/", 1)[-1].startswith(f"{stage}-")]
+
+
 def quarantined(root: str, stage: str, columns: tuple[str, ...] = ("image_id", "uri", "key")) -> pa.Table:
     """``columns`` of the quarantine rows ``stage`` wrote in this run root (a log: a row counts
     while the image's key and uri are the ones it records)."""
-    uris = [u for u in storage.list_files(layout.quarantine_dir(root), ".parquet")
-            if u.rsplit("/", 1)[-1].startswith(f"{stage}-")]
-    return read_shards(uris, list(columns))
+    return read_shards(quarantine_files(root, stage), list(columns))
 
 
 def version_quarantine(manifest_rejects: pa.Table, images: pa.Table, cams_failed: pa.Table, current: pa.Table,
                        synthesis_key: str, synthesis_failed: pa.Table) -> pa.Table:
-    """Why the manifest's images that a version lacks are missing: the manifest's own rejects,
-    and the CAM and synthesis failures of the images' current keys and uris (QUARANTINE_SCHEMA)."""
+    """Why the manifest's images that a version lacks are missing: the manifest's own rejects and
+    the images the probe could not decode (``manifest_rejects``), and the CAM and synthesis
+    failures of the images' current keys and uris (QUARANTINE_SCHEMA)."""
     columns = ["image_id", "uri", "stage", "reason", "key"]
     cams = join_rows(images.select(["image_id", "cam_key", "uri"]).rename_columns(["image_id", "key", "uri"]),
                      cams_failed, ["image_id", "key", "uri"], "inner", extra=["stage", "reason"])
@@ -309,6 +327,39 @@ def manifest_keys(manifest: pa.Table, classes: list[str], cams_key: str) -> pa.T
     return pa.table({"image_id": manifest.column("image_id"), "uri": manifest.column("uri"),
                      "class_ids": pa.array(class_ids, pa.list_(pa.int32())),
                      "cam_key": row_keys(cams_key, class_ids), "split": manifest.column("split")})
+
+
+# Probe rows: the images that decoded (one shard per probed batch, under probe/ of the run root).
+PROBE_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("key", pa.string())])
+
+
+def plan_probe(images: pa.Table, probed: pa.Table, failed: pa.Table, key: str) -> tuple[pa.Table, dict[str, int]]:
+    """Images to decode: no probe row and no probe quarantine row of their uri and ``key`` (an
+    image is probed again when the manifest moves it or ``data.max_pixels`` changes).
+
+    images: (image_id, uri); probed, failed: (image_id, uri, key).
+    Returns (pending (image_id, uri), counts: images, skipped, pending).
+    """
+    images = images.select(["image_id", "uri"])
+    keyed = images.append_column("key", pa.array([key] * images.num_rows, pa.string()))
+    columns = ["image_id", "uri", "key"]
+    pending = join_rows(join_rows(keyed, probed.select(columns), columns, "left anti"), failed.select(columns),
+                        columns, "left anti")
+    return pending.select(["image_id", "uri"]), {"images": images.num_rows,
+                                                 "skipped": images.num_rows - pending.num_rows,
+                                                 "pending": pending.num_rows}
+
+
+def unreadable(images: pa.Table, failed: pa.Table, key: str) -> pa.Table:
+    """The probe quarantine rows (QUARANTINE_SCHEMA) of ``images`` (image_id, uri) at their
+    current uri and ``key``: the images no stage may read, one row each, sorted by image_id."""
+    keyed = images.select(["image_id", "uri"])
+    keyed = keyed.append_column("key", pa.array([key] * keyed.num_rows, pa.string()))
+    rows = join_rows(failed.select(QUARANTINE_SCHEMA.names), keyed, ["image_id", "uri", "key"], "left semi")
+    if rows.num_rows:  # a batch retried after a lost result may have quarantined an image twice
+        first = pa.table({"image_id": rows.column("image_id"), "__row": pa.array(np.arange(rows.num_rows))})
+        rows = rows.take(first.group_by("image_id").aggregate([("__row", "min")]).column("__row_min"))
+    return rows.cast(QUARANTINE_SCHEMA).sort_by("image_id")
 
 
 def plan_cams(images: pa.Table, cam_rows: pa.Table, failed: pa.Table) -> tuple[pa.Table, dict[str, int]]:

@@ -1,8 +1,8 @@
 """The end-to-end run: every stage in order, each skipped when its outputs are current.
 
-manifest -> train CAM -> CAMs + relation mining -> train IRNet -> synthesis -> publish (index,
-coco.json, LATEST) -> evaluation -> report. ``run.json`` records what each stage did; what counts
-as done, and so what a rerun redoes, is decided in :mod:`pipeline.ledger`.
+manifest -> probe (which images decode) -> train CAM -> CAMs + relation mining -> train IRNet ->
+synthesis -> publish (index, coco.json, LATEST) -> evaluation -> report. ``run.json`` records what
+each stage did; what counts as done, and so what a rerun redoes, is decided in :mod:`pipeline.ledger`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,11 +18,14 @@ from typing import Any, Callable
 from pipeline import ledger
 from pipeline.config import Config
 from pipeline.io import layout, storage
-from pipeline.progress import summary_table
+from pipeline.progress import OUR_LOGGERS, WORKER_LINE_FORMAT, counts_text, summary_table
 from pipeline.stages import common, plan
 
 log = logging.getLogger(__name__)
-STAGES = ("train_cam", "cams", "train_irn", "synthesis", "publish", "evaluate", "report")
+STAGES = ("probe", "train_cam", "cams", "train_irn", "synthesis", "publish", "evaluate", "report")
+# Stages that run even when --only leaves them out: every later stage reads the manifest without
+# the images the probe found unreadable (a planning task, when no image is new).
+ALWAYS = ("probe",)
 # Loggers that print Ray's own execution plans, checkpoint paths and actor notices.
 NOISY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.air", "ray._private", "ray.util",
                  "ray.train.v2._internal.execution.controller.placement_group_cleaner")
@@ -52,8 +56,41 @@ def _quiet_ray() -> None:
     threading.excepthook = excepthook
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _worker_setup() -> None:
+    """Worker setup hook: Ray's lines quiet, ours (INFO and above) marked as ours
+    (progress.WORKER_LINE_FORMAT), so the driver can show them on the console and leave Ray's to
+    run.log."""
+    _quiet_ray()
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter(WORKER_LINE_FORMAT))
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster in RAY_ADDRESS (``ray job submit``) or start an embedded local Ray."""
+    if not sys.stdout.isatty():
+        # No colour codes in a file or a pipe: Ray colours the prefix of each worker line it
+        # forwards, and always the "[repeated 3x across cluster]" of its deduplication (which
+        # reads this when Ray is first imported).
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
     import ray.data
 
@@ -67,9 +104,9 @@ def init_ray(cfg: Config) -> None:
             project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                     runtime_env={"worker_process_setup_hook": _quiet_ray, "env_vars": {"PYTHONPATH": path}})
-        else:
-            ray.init(address=address)
+                     runtime_env={"worker_process_setup_hook": _worker_setup, "env_vars": {"PYTHONPATH": path}})
+        else:  # merged with the submitted job's runtime env (its working_dir)
+            ray.init(address=address, runtime_env={"worker_process_setup_hook": _worker_setup})
     _quiet_ray()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -92,7 +129,7 @@ class Run:
 
     def stage(self, name: str, body: Callable[[], dict[str, Any]]) -> None:
         """Run one stage body; record status, counts and timing in run.json."""
-        if self.only is not None and name not in self.only:
+        if self.only is not None and name not in self.only and name not in ALWAYS:
             return
         t0 = time.perf_counter()
         self.state.update_stage(name, status="running")
@@ -105,7 +142,7 @@ class Run:
         seconds = round(time.perf_counter() - t0, 2)
         status = "skipped" if counts.pop("_skipped", False) else "done"
         self.state.update_stage(name, status=status, seconds=seconds, counts=counts)
-        log.info("stage %s: %s in %.1fs %s", name, status, seconds, counts)
+        log.info("stage %s: %s in %.1fs (%s)", name, status, seconds, counts_text(counts))
 
     # Keys (pipeline.ledger): what each stage's outputs were made from.
     def cams_key(self) -> str:
@@ -154,6 +191,14 @@ def _train_network(run: Run, network: str, key: str, train: Callable[[str], dict
 
 class QualityGateError(RuntimeError):
     """The CAM network is too weak to label with: the run stops before it publishes anything."""
+
+
+def stage_probe(run: Run) -> dict[str, Any]:
+    from pipeline.stages.probe import probe_outputs, run_probe
+
+    key = ledger.probe_key(run.cfg)
+    ledger.claim_stage_outputs(run.state, "probe", key, probe_outputs(run.root), forced="probe" in run.force)
+    return run_probe(run.cfg, run.manifest_dir, key)
 
 
 def stage_train_cam(run: Run) -> dict[str, Any]:
@@ -365,22 +410,26 @@ def run_label(cfg: Config, *, from_stage: str | None = None, only: list[str] | N
     state.data.update(config=cfg.to_dict(), versions=ledger.package_versions())
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     t_manifest = time.perf_counter()
+    log.info("stage manifest: started (%s)", cfg.data.manifest)
     summary = ingest_manifest(cfg, stamp)
     classes = summary.pop("classes")
     if not classes:
         raise ValueError("no classes: data.classes is empty and no manifest row has a label")
     state.data["manifest"] = {"uri": cfg.data.manifest, "stamp": stamp, "classes": classes, **summary}
-    state.update_stage("manifest", status="done", seconds=round(time.perf_counter() - t_manifest, 2),
-                       counts={k: v for k, v in summary.items() if k != "ground_truth_digest"})
+    counts = {k: v for k, v in summary.items() if k != "ground_truth_digest"}
+    seconds = round(time.perf_counter() - t_manifest, 2)
+    state.update_stage("manifest", status="done", seconds=seconds, counts=counts)
+    log.info("stage manifest: done in %.1fs (%s)", seconds, counts_text(counts))
     # --from-stage reruns that stage and everything after it; --only runs just the named stages
     # (each still skipped when its outputs are current).
     force = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
     run = Run(cfg, layout.manifest_dir(cfg.run.root, stamp), classes, state, force=force,
               only=set(only) if only else None)
-    for name, body in (("train_cam", stage_train_cam), ("cams", stage_cams), ("train_irn", stage_train_irn),
-                       ("synthesis", stage_synthesis), ("publish", stage_publish), ("evaluate", stage_evaluate),
-                       ("report", stage_report)):
-        run.stage(name, lambda body=body: body(run))
+    bodies = {"probe": stage_probe, "train_cam": stage_train_cam, "cams": stage_cams, "train_irn": stage_train_irn,
+              "synthesis": stage_synthesis, "publish": stage_publish, "evaluate": stage_evaluate,
+              "report": stage_report}
+    for name in STAGES:
+        run.stage(name, lambda body=bodies[name]: body(run))
         if name == "train_cam":
             quality_gate(run)
     state.data["last_run"] = {"seconds": round(time.perf_counter() - t0, 1),

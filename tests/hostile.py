@@ -20,7 +20,7 @@ from pipeline.io import codecs, storage
 
 CLASSES = ["cross", "diamond", "disc", "square"]
 GOOD = [f"syn-{i:06d}" for i in range(10)]
-# Files that cannot be labelled: image_id -> (file name, words of its quarantine reason, stage cams).
+# Files that cannot be labelled: image_id -> (file name, words of its quarantine reason, stage probe).
 BROKEN = {"broken-empty": ("broken-empty.png", "empty file"),
           "broken-truncated-png": ("broken-truncated.png", "truncated"),
           "broken-truncated-jpeg": ("broken-truncated.jpg", "truncated"),

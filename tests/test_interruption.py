@@ -35,8 +35,8 @@ def _args(labelled: dict, root: str) -> list[str]:
 
 
 def _images(labelled: dict) -> int:
-    """Rows of the manifest that reach the per-image stages."""
-    return labelled["state"]["manifest"]["valid"]
+    """Rows of the manifest that reach the per-image stages (valid, and decoded by the probe)."""
+    return labelled["state"]["stages"]["cams"]["counts"]["images"]
 
 
 def _start(args: list[str]) -> subprocess.Popen:

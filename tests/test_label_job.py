@@ -78,13 +78,17 @@ def test_every_valid_image_has_every_output(labelled):
     assert run_json["versions"]["torch"].startswith("2.14")
     assert state["manifest"]["valid"] == len(_valid_ids(labelled)) + len(BROKEN)
     assert state["manifest"]["quarantined"] == len(labelled["manifest_quarantine"])
+    probe = run_json["stages"]["probe"]["counts"]
+    assert probe["decoded"] == len(_valid_ids(labelled)) and probe["unreadable"] == len(BROKEN)
+    assert run_json["stages"]["cams"]["counts"]["images"] == len(_valid_ids(labelled))  # the probe's leavings
 
 
 def test_hostile_inputs_are_quarantined_with_reasons(labelled):
     rows = pa.concat_tables([codecs.read_parquet(u) for u in
                              storage.list_files(layout.quarantine_dir(labelled["root"]), ".parquet")]).to_pylist()
     expected = [(i, "manifest", words) for i, words in labelled["manifest_quarantine"]]
-    expected += [(i, "cams", words) for i, (_, words) in BROKEN.items()]
+    # Files that do not decode are found by the probe, before anything trains on them.
+    expected += [(i, "probe", words) for i, (_, words) in BROKEN.items()]
     for image_id, stage, words in expected:
         matches = [r for r in rows if (r["image_id"], r["stage"]) == (image_id, stage) and words in r["reason"]]
         assert len(matches) == 1, (image_id, stage, words, [r for r in rows if r["image_id"] == image_id])

@@ -63,6 +63,31 @@ def test_plan_cams_redoes_new_retagged_and_moved_failures_only():
     assert counts == {"images": 5, "skipped": 2, "pending": 3}
 
 
+def test_plan_probe_decodes_new_and_moved_images_once():
+    images = pa.table({"image_id": ["a", "b", "c", "d", "e"], "uri": ["a.png", "new/b.png", "c.png", "d.png", "e.png"]})
+    probed = pa.table({"image_id": ["a", "b", "e"], "uri": ["a.png", "old/b.png", "e.png"], "key": ["K", "K", "old"]})
+    failed = pa.table({"image_id": ["c"], "uri": ["c.png"], "key": ["K"]})
+    pending, counts = ledger.plan_probe(images, probed, failed, "K")
+    # a: decoded before; b: moved, probed again; c: known not to decode; d: new; e: probed with another key.
+    assert pending.to_pylist() == [{"image_id": "b", "uri": "new/b.png"}, {"image_id": "d", "uri": "d.png"},
+                                   {"image_id": "e", "uri": "e.png"}]
+    assert counts == {"images": 5, "skipped": 2, "pending": 3}
+
+
+def test_unreadable_images_are_those_failed_at_their_current_uri_and_key():
+    images = pa.table({"image_id": ["a", "b", "c"], "uri": ["a.png", "fixed/b.png", "c.png"]})
+    failed = pa.Table.from_pylist([
+        {"image_id": "c", "uri": "c.png", "stage": "probe", "reason": "truncated", "key": "K"},
+        {"image_id": "b", "uri": "b.png", "stage": "probe", "reason": "empty file", "key": "K"},  # moved since
+        {"image_id": "a", "uri": "a.png", "stage": "probe", "reason": "too large", "key": "small"},  # old limit
+        {"image_id": "c", "uri": "c.png", "stage": "probe", "reason": "truncated", "key": "K"},  # a retried batch
+        {"image_id": "gone", "uri": "gone.png", "stage": "probe", "reason": "empty file", "key": "K"},
+    ], schema=ledger.QUARANTINE_SCHEMA)
+    rows = ledger.unreadable(images, failed, "K")
+    assert rows.schema == ledger.QUARANTINE_SCHEMA
+    assert rows.select(["image_id", "reason"]).to_pylist() == [{"image_id": "c", "reason": "truncated"}]
+
+
 def _index_rows(ids, keys, prefix=""):
     return pa.Table.from_pylist([{"image_id": i, "key": k, "uri": f"{i}.png", "height": 4, "width": 4,
                                   "class_ids": [1], "num_instances": 0, "semantic_uri": f"{prefix}semantic/{i}.png",
@@ -143,6 +168,9 @@ def test_claiming_stage_outputs_for_a_new_key_discards_the_old(tmp_path):
     assert (tmp_path / "cams" / "part-x.parquet").exists()
     ledger.claim_stage_outputs(state, "cams", "k2", [str(tmp_path / "cams")])
     assert not (tmp_path / "cams").exists() and state.stage("cams")["key"] == "k2"
+    storage.write_text(str(tmp_path / "cams" / "part-y.parquet"), "y")
+    ledger.claim_stage_outputs(state, "cams", "k2", [str(tmp_path / "cams")], forced=True)  # --from-stage
+    assert not (tmp_path / "cams").exists()
 
 
 def test_quarantine_rows_carry_their_key(tmp_path):
@@ -151,6 +179,7 @@ def test_quarantine_rows_carry_their_key(tmp_path):
     ledger.write_quarantine(root, "synthesis", [{"image_id": "b", "uri": "b.png", "reason": "failed", "key": "j"}])
     assert ledger.quarantined(root, "cams").to_pylist() == [{"image_id": "a", "uri": "a.png", "key": "k"}]
     assert ledger.quarantined(root, "nothing").num_rows == 0
+    assert [u.rsplit("/", 1)[-1].split("-")[0] for u in ledger.quarantine_files(root, "synthesis")] == ["synthesis"]
 
 
 def test_retain_keeps_what_kept_versions_reference(tmp_path, ray_session):

@@ -19,11 +19,51 @@ MANIFEST_COLUMNS = ["image_id", "uri", "labels", "split", "gt_semantic_uri", "gt
                     "gt_instance_classes", "held_out"]
 
 
-def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """The valid rows of a run's manifest (``manifest/<stamp>/valid/``)."""
+def _valid_rows(manifest_dir: str, columns: list[str]) -> pa.Table:
     uris = storage.list_files(storage.join(manifest_dir, "valid"), ".parquet")
-    return tables.read_shards(uris, columns or MANIFEST_COLUMNS) if uris else pa.table(
-        {c: pa.array([], pa.string()) for c in columns or MANIFEST_COLUMNS})
+    return tables.read_shards(uris, columns) if uris else pa.table({c: pa.array([], pa.string()) for c in columns})
+
+
+def unreadable_file(manifest_dir: str) -> str:
+    """The manifest's images that do not decode (QUARANTINE_SCHEMA rows), written by the probe."""
+    return storage.join(manifest_dir, "unreadable.parquet")
+
+
+def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of a run's manifest that every stage reads: the valid ones
+    (``manifest/<stamp>/valid/``) whose image decodes (not in :func:`unreadable_file`)."""
+    columns = columns or MANIFEST_COLUMNS
+    uri = unreadable_file(manifest_dir)
+    if not storage.exists(uri):
+        return _valid_rows(manifest_dir, columns)
+    rows = _valid_rows(manifest_dir, list(dict.fromkeys(columns + ["image_id"])))
+    bad = codecs.read_parquet_columns(uri, ["image_id"])
+    return tables.join_rows(rows, bad, ["image_id"], "left anti").select(columns)
+
+
+def probe_dir(root: str) -> str:
+    """Probe rows (ledger.PROBE_SCHEMA) of the images that decoded."""
+    return storage.join(root, "probe")
+
+
+def probe_plan(root: str, manifest_dir: str, key: str) -> tuple[pa.Table, dict[str, int]]:
+    """Valid manifest rows (image_id, uri) whose image is still to be decoded (ledger.plan_probe)."""
+    probed = tables.read_shards(storage.list_files(probe_dir(root), ".parquet"), ["image_id", "uri", "key"])
+    return ledger.plan_probe(_valid_rows(manifest_dir, ["image_id", "uri"]), probed,
+                             ledger.quarantined(root, "probe"), key)
+
+
+def record_unreadable(root: str, manifest_dir: str, key: str, probed: pa.Table, *, shown: int = 10) -> dict[str, Any]:
+    """Write the manifest's images that do not decode (ledger.unreadable) to
+    :func:`unreadable_file`; returns their count and the first ``shown`` of those among ``probed``
+    (image_id, uri: the images this run decoded) as (image_id, uri, reason) rows."""
+    detail = ("image_id", "uri", "stage", "reason", "key")
+    rows = ledger.unreadable(_valid_rows(manifest_dir, ["image_id", "uri"]), ledger.quarantined(root, "probe", detail),
+                             key)
+    codecs.write_parquet(unreadable_file(manifest_dir), rows)
+    new = tables.join_rows(rows, probed.select(["image_id", "uri"]), ["image_id", "uri"], "left semi")
+    return {"unreadable": rows.num_rows, "new": new.num_rows,
+            "shown": new.slice(0, shown).select(["image_id", "uri", "reason"]).to_pylist()}
 
 
 def _images(manifest_dir: str, classes: list[str], cams_key: str, *, ground_truth_only: bool = False) -> pa.Table:
@@ -123,7 +163,8 @@ def build_index(root: str, manifest_dir: str, classes: list[str], cams_key: str,
     index = ledger.version_index(reused, base, labelled, current, synthesis_key)
     codecs.write_parquet(layout.index_file(labels_dir), index)
     detail = ("image_id", "uri", "key", "stage", "reason")
-    rejects = manifest_rejects(root) if not ground_truth_only else ledger.QUARANTINE_SCHEMA.empty_table()
+    rejects = (rejected_rows(root, manifest_dir) if not ground_truth_only
+               else ledger.QUARANTINE_SCHEMA.empty_table())
     images = _images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
     missing = ledger.version_quarantine(rejects, images, ledger.quarantined(root, "cams", detail), current,
                                         synthesis_key, ledger.quarantined(root, stage, detail))
@@ -135,6 +176,15 @@ def manifest_rejects(root: str) -> pa.Table:
     """The rows the manifest stage of the latest run rejected (quarantine/manifest.parquet)."""
     uri = storage.join(layout.quarantine_dir(root), "manifest.parquet")
     return codecs.read_parquet(uri) if storage.exists(uri) else ledger.QUARANTINE_SCHEMA.empty_table()
+
+
+def rejected_rows(root: str, manifest_dir: str) -> pa.Table:
+    """The manifest's rows no stage reads: those the manifest stage rejected and the images the
+    probe could not decode (QUARANTINE_SCHEMA)."""
+    parts = [manifest_rejects(root)]
+    if storage.exists(unreadable_file(manifest_dir)):
+        parts.append(codecs.read_parquet(unreadable_file(manifest_dir)))
+    return pa.concat_tables([t.select(ledger.QUARANTINE_SCHEMA.names).cast(ledger.QUARANTINE_SCHEMA) for t in parts])
 
 
 def index_summary(index: pa.Table, classes: list[str]) -> dict[str, Any]:
