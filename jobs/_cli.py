@@ -1,4 +1,8 @@
-"""Shared command line of the jobs: --config FILE and --set section.key=value overrides."""
+"""Shared command line of the jobs: --config FILE, --set section.key=value overrides, --verbose.
+
+Started as ``python -m jobs.<name>``, a job's console shows our lines only (stages, progress,
+warnings, the summary); Ray's own lines go to ``<run root>/run.log`` (jobs._console).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from jobs import _console
 from pipeline.config import Config, ConfigError, load_config
 
 
@@ -14,12 +19,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (local path or fsspec URI); defaults if omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set run.root=s3://bucket/run")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own lines (workers, datasets, actors) on the console too; they always go to "
+                        "run.log in the run root")
     return p
 
 
 def load(args: argparse.Namespace) -> Config:
-    """The resolved config, or exit 2 with the key and the fix named."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """The resolved config, or exit 2 with the key and the fix named. When this process runs the
+    job from the command line, the console is then handed over (:func:`jobs._console.start`)."""
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -29,4 +37,8 @@ def load(args: argparse.Namespace) -> Config:
         print("configuration error: data.manifest is empty; set it in the YAML or with "
               "--set data.manifest=PATH_OR_URI", file=sys.stderr)
         raise SystemExit(2)
+    if _console.started_as_job():
+        _console.start(cfg.run.root, verbose=getattr(args, "verbose", False))
+    else:
+        logging.basicConfig(level=logging.INFO, format=_console.LOG_FORMAT)
     return cfg

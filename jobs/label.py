@@ -1,7 +1,9 @@
 """Label a data set end to end: ``python -m jobs.label --config FILE [--set key=value ...]``.
 
-Stages: train_cam, cams, train_irn, synthesis, coco, evaluate, report. Each is skipped when its
-outputs are current; ``--from-stage S`` reruns S and everything after it, ``--only S`` runs S alone.
+Stages: probe, train_cam, cams, train_irn, synthesis, publish, evaluate, report. Each is skipped
+when its outputs are current; ``--from-stage S`` reruns S and everything after it, ``--only S`` runs
+S alone (and the probe, which finds the images that do not decode). The console shows our lines;
+Ray's own go to ``<run root>/run.log``, and to the console too with ``--verbose``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Where a run stands, from its run.json: ``python -m jobs.status --root R``.
 
 Prints the manifest counts, one line per stage (status, time, counts, last update), the published
-labels versions and any unfinished one. Reads only ``run.json`` and ``labels/LATEST``; starts no Ray.
+labels versions, any unfinished one, and where the log of the jobs is. Reads only ``run.json`` and
+``labels/LATEST``; starts no Ray.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import argparse
 import json
 import sys
 
+from jobs._console import run_log
 from pipeline import ledger
 from pipeline.io import layout, storage
 from pipeline.progress import duration, summary_table
 
-STAGES = ("manifest", "train_cam", "cams", "train_irn", "synthesis", "publish", "evaluate", "report")
+STAGES = ("manifest", "probe", "train_cam", "cams", "train_irn", "synthesis", "publish", "evaluate", "report")
 
 
 def describe(root: str) -> str:
@@ -54,6 +56,8 @@ def describe(root: str) -> str:
         lines.append(f"last complete run: {duration(last.get('seconds'))}, labels version {last.get('labels_version')}")
     elif running:
         lines.append("no run has completed; one is running or was interrupted")
+    if storage.exists(run_log(root)):
+        lines.append(f"log of the jobs (Ray's lines included): {run_log(root)}")
     return "\n".join(lines)
 
 
