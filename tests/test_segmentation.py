@@ -213,3 +213,5 @@ def test_resnet18_segmenters_take_a_cam_network_backbone(tmp_path):
     assert maskrcnn.backbone.body.layer4[0].conv1.weight.grad is not None
     with pytest.raises(ValueError, match="segmenter.depth"):
         build_segmenter("maskrcnn", 3, depth=50, backbone_init=str(path))
+    small = build_segmenter("maskrcnn", 3, depth=18, rpn_proposals=300, roi_samples=64)
+    assert small.rpn._post_nms_top_n["training"] == 300 and small.roi_heads.fg_bg_sampler.batch_size_per_image == 64

@@ -35,7 +35,8 @@ def _backbone_state(source: str | BinaryIO) -> dict[str, torch.Tensor]:
 
 
 def build_segmenter(model: str, num_classes: int, *, depth: int = 50, backbone_init: str | BinaryIO = "none",
-                    min_size: int = 800, max_size: int = 1333) -> nn.Module:
+                    min_size: int = 800, max_size: int = 1333, rpn_proposals: int = 2000,
+                    roi_samples: int = 512) -> nn.Module:
     """A torchvision segmenter for ``num_classes`` foreground classes (+ background).
 
     Args:
@@ -43,6 +44,8 @@ def build_segmenter(model: str, num_classes: int, *, depth: int = 50, backbone_i
         depth: 50 (the paper's) or 18 (small runs).
         backbone_init: 'imagenet', 'none', or a ResNet state dict of ``depth`` (path or binary file).
         min_size, max_size: Mask R-CNN's own input resizing (GeneralizedRCNNTransform).
+        rpn_proposals, roi_samples: Mask R-CNN's training proposals kept after NMS per image and
+            RoIs sampled from them for the box and mask heads (torchvision's 2000 and 512).
     Returns: the model on CPU, float32, in train mode. DeepLab maps [B, 3, H, W] (normalised) to
         {"out": logits [B, C + 1, H, W]}; Mask R-CNN takes lists of [3, H, W] images in [0, 1].
     """
@@ -54,6 +57,8 @@ def build_segmenter(model: str, num_classes: int, *, depth: int = 50, backbone_i
     from_file = not isinstance(backbone_init, str) or backbone_init not in ("none", "imagenet")
     resnet = getattr(torchvision.models, f"resnet{depth}")
     weights = torchvision.models.get_model_weights(resnet).IMAGENET1K_V1 if imagenet else None
+    detection = {"min_size": min_size, "max_size": max_size, "rpn_post_nms_top_n_train": rpn_proposals,
+                 "box_batch_size_per_image": roi_samples}
     if model == "maskrcnn" and (from_file or depth != 50):
         # As torchvision builds it from pretrained weights: frozen BatchNorm, the last 3 stages train
         # (detection batches are too small for BatchNorm statistics); from scratch every stage
@@ -66,8 +71,7 @@ def build_segmenter(model: str, num_classes: int, *, depth: int = 50, backbone_i
         if from_file:
             _load_backbone(body, backbone_init, depth)
         return torchvision.models.detection.MaskRCNN(_resnet_fpn_extractor(body, 3 if pretrained else 5),
-                                                     num_classes=num_classes + 1, min_size=min_size,
-                                                     max_size=max_size)
+                                                     num_classes=num_classes + 1, **detection)
     if model == "deeplab" and depth == 18:
         from torchvision.models._utils import IntermediateLayerGetter
         from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
@@ -85,8 +89,8 @@ def build_segmenter(model: str, num_classes: int, *, depth: int = 50, backbone_i
         body = net.backbone
     else:
         net = torchvision.models.detection.maskrcnn_resnet50_fpn(
-            weights=None, weights_backbone=weights, num_classes=num_classes + 1, min_size=min_size,
-            max_size=max_size, trainable_backbone_layers=3 if imagenet else None)
+            weights=None, weights_backbone=weights, num_classes=num_classes + 1,
+            trainable_backbone_layers=3 if imagenet else None, **detection)
         body = net.backbone.body
     if from_file:
         _load_backbone(body, backbone_init, depth)

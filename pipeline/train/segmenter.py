@@ -138,7 +138,8 @@ def train_segmenter_loop(config: dict[str, Any]) -> dict[str, Any]:
     init = config["backbone_init"]
     source = init if init in ("none", "imagenet") else io.BytesIO(storage.read_bytes(init))
     net = build_segmenter(config["model"], config["num_classes"], depth=config["depth"], backbone_init=source,
-                          min_size=config["min_size"], max_size=config["max_size"])
+                          min_size=config["min_size"], max_size=config["max_size"],
+                          rpn_proposals=config["rpn_proposals"], roi_samples=config["roi_samples"])
     optimizer = common.make_optimizer([([p for p in net.parameters() if p.requires_grad], config["lr"])],
                                       config["weight_decay"], config["optimizer"], config["momentum"])
     maker = segmenter_samples(config)
