@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from pipeline.progress import OUR_LOGGERS, parse_worker_line
 log = logging.getLogger("irn-ray")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RELAY = "irn-ray-console"  # name of our handler in Ray's worker-output dispatcher
+_ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 
 
 def run_log(root: str) -> str:
@@ -168,13 +170,18 @@ class _Console:
         log.info("log: %s%s", where, "" if self.verbose else " (Ray's own lines too; --verbose shows them here)")
 
     def _follow(self, offset: int) -> None:
-        """--verbose: copy what the log gains to the console until the job ends."""
+        """--verbose: copy what the log gains to the console, line by line, until the job ends
+        (without colour codes unless the console is a terminal: Ray colours a few lines always)."""
+        plain = not os.isatty(self.saved[0])
         with open(self.path, "rb") as f:
             f.seek(offset)
+            partial = b""
             while True:
-                chunk = f.read(1 << 16)
-                if chunk:
-                    os.write(self.saved[0], chunk)
+                data = partial + f.read(1 << 16)
+                cut = data.rfind(b"\n") + 1 if not self.stopped.is_set() else len(data)
+                lines, partial = data[:cut], data[cut:]
+                if lines:
+                    os.write(self.saved[0], _ANSI.sub(b"", lines) if plain else lines)
                 elif self.stopped.is_set():
                     return
                 else:

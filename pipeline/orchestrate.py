@@ -103,9 +103,11 @@ def init_ray(cfg: Config) -> None:
             # see README Security); workers import this checkout.
             project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
+            log.info("starting Ray on this machine (%s CPUs)", cfg.ray.num_cpus or "all")
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
                      runtime_env={"worker_process_setup_hook": _worker_setup, "env_vars": {"PYTHONPATH": path}})
         else:  # merged with the submitted job's runtime env (its working_dir)
+            log.info("joining the Ray cluster at %s", address)
             ray.init(address=address, runtime_env={"worker_process_setup_hook": _worker_setup})
     _quiet_ray()
     context = ray.data.DataContext.get_current()

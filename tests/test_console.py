@@ -75,9 +75,10 @@ def test_verbose_shows_the_log_and_a_failure_reaches_the_console(tmp_path):
     root = str(tmp_path / "run")
     done, console = _run_script(root, "verbose", "ok")
     assert done.returncode == 0, console
-    for line in ("stage cams: started", "execution finished", "core_worker.cc:2465", "(SplitCoordinator pid=7)",
-                 "labels: v1"):
+    for line in ("stage cams: started", "execution finished", "core_worker.cc:2465",
+                 "(SplitCoordinator pid=7) progress bars disabled", "labels: v1"):
         assert line in console, line
+    assert "\x1b[" not in console  # not a terminal: Ray's colours are left in the log
     done, console = _run_script(root, "quiet", "fail")
     assert done.returncode == 1 and "RuntimeError: the stage failed" in console
     assert "RuntimeError: the stage failed" in storage.read_text(f"{root}/run.log")
