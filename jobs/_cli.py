@@ -19,15 +19,28 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (local path or fsspec URI); defaults if omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set run.root=s3://bucket/run")
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray's own lines (workers, datasets, actors) on the console too; they always go to "
-                        "run.log in the run root")
+    add_verbose(p)
     return p
 
 
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own lines (workers, datasets, actors) on the console too; they always go to "
+                        "run.log in the run root")
+
+
+def console(root: str, *, verbose: bool = False) -> None:
+    """Hand the console over to jobs._console when this process runs a job from the command line
+    (``python -m jobs.<name>``); else (a test or a notebook calling ``main()``) log to stderr."""
+    if _console.started_as_job():
+        _console.start(root, verbose=verbose)
+    else:
+        logging.basicConfig(level=logging.INFO, format=_console.LOG_FORMAT)
+
+
 def load(args: argparse.Namespace) -> Config:
-    """The resolved config, or exit 2 with the key and the fix named. When this process runs the
-    job from the command line, the console is then handed over (:func:`jobs._console.start`)."""
+    """The resolved config, or exit 2 with the key and the fix named; then the console is set up
+    for the run root (:func:`console`)."""
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -37,8 +50,5 @@ def load(args: argparse.Namespace) -> Config:
         print("configuration error: data.manifest is empty; set it in the YAML or with "
               "--set data.manifest=PATH_OR_URI", file=sys.stderr)
         raise SystemExit(2)
-    if _console.started_as_job():
-        _console.start(cfg.run.root, verbose=getattr(args, "verbose", False))
-    else:
-        logging.basicConfig(level=logging.INFO, format=_console.LOG_FORMAT)
+    console(cfg.run.root, verbose=args.verbose)
     return cfg
