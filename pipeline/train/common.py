@@ -76,7 +76,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         rate = self.images / elapsed if elapsed > 0 else 0.0
         eta = elapsed / max(1, done) * (self.max_step - step)
-        log.warning("%s: step %d/%d (%d%%), epoch %d, loss %.4f, %.2f images/s per worker, ETA %s", self.name,
+        log.info("%s: step %d/%d (%d%%), epoch %d, loss %.4f, %.2f images/s per worker, ETA %s", self.name,
                     step, self.max_step, 100 * step // max(1, self.max_step), epoch, loss, rate, duration(eta))
 
     def images_per_second(self) -> float:
@@ -186,7 +186,7 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             best = selection.best
             metrics.update(best_epoch=best["best_epoch"], best_held_out_map=best["best_score"])
             if rank == 0:
-                log.warning("%s: epoch %d held-out mAP %.3f (best %.3f at epoch %d)", name, epoch,
+                log.info("%s: epoch %d held-out mAP %.3f (best %.3f at epoch %d)", name, epoch,
                             metrics["held_out_map"], best["best_score"], best["best_epoch"])
         if final and finish is not None:
             metrics.update(finish(model))
