@@ -404,9 +404,6 @@ def _validate(cfg: Config) -> None:
     if cfg.cams.source and cfg.train_irn.backbone_init == "cam":
         raise ConfigError("train_irn.backbone_init: 'cam' takes the CAM network's backbone, but cams.source "
                           "replaces the CAM network; use imagenet, none or a weights file URI")
-    if cfg.cams.source and cfg.segmenter.backbone_init == "cam":
-        raise ConfigError("segmenter.backbone_init: 'cam' takes the CAM network's backbone, but cams.source "
-                          "replaces the CAM network; use imagenet, none or a weights file URI")
     if not cfg.run.root:
         raise ConfigError("run.root: must name a directory or URI for the outputs")
 

@@ -205,7 +205,11 @@ def test_embedded_ray_starts_no_dashboard_or_job_server(monkeypatch):
 
 def test_a_cluster_address_is_joined_without_starting_servers(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-    assert _captured_init(monkeypatch) == {"address": "10.0.0.5:6379"}
+    kwargs = _captured_init(monkeypatch)
+    # Joining passes only the address and the workers' logging hook (their lines reach our console).
+    assert kwargs.pop("address") == "10.0.0.5:6379"
+    assert kwargs == {"runtime_env": {"worker_process_setup_hook": kwargs["runtime_env"]["worker_process_setup_hook"]}}
+    assert callable(kwargs["runtime_env"]["worker_process_setup_hook"])
 
 
 def test_cluster_config_and_readme_keep_the_dashboard_private():

@@ -179,7 +179,7 @@ def fit_epochs(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         if score is not None:
             metrics["held_out_map"] = score(model)
             if selection.add(epoch, metrics["held_out_map"], unwrap(model), metrics):
-                log.warning("%s: held-out mAP not above %.3f since epoch %d; stopping at epoch %d (exporting epoch %d)",
+                log.info("%s: held-out mAP not above %.3f since epoch %d; stopping at epoch %d (exporting epoch %d)",
                             name, selection.best["best_score"], selection.best["improved_epoch"], epoch,
                             selection.best["best_epoch"])
                 final = True
