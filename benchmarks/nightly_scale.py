@@ -126,6 +126,7 @@ def build_root(root: str, records: list[dict], data: str, args: list[str]) -> tu
     from pipeline.io import codecs, layout, storage
     from pipeline.models.cam_net import build_cam_net
     from pipeline.models.irnet import build_irnet
+    from pipeline.stages import plan
     from pipeline.stages.coco import coco_part, write_coco
     from pipeline.stages.synthesis import instance_rows
 
@@ -146,6 +147,7 @@ def build_root(root: str, records: list[dict], data: str, args: list[str]) -> tu
     state.update_stage("cams", key=cams_key, status="done")
     state.update_stage("train_irn", key=ledger.train_irn_key(cfg, cams_key), trained=True, status="done")
     synthesis_key = ledger.synthesis_key(cfg, CLASSES, cams_key, [cam_model, irn_model])
+    probe_key = ledger.probe_key(cfg)
     index = {name: i + 1 for i, name in enumerate(CLASSES)}
     grid = -(-SIZE // 4)
     labels_dir = layout.labels_dir(root, "v0")
@@ -166,6 +168,10 @@ def build_root(root: str, records: list[dict], data: str, args: list[str]) -> tu
                           **codecs.array_columns("cams", cams, np.float16)})
         codecs.write_parquet(storage.join(layout.cams_dir(root), layout.part_name([f"{i}\0{k}" for i, k in zip(ids, keys)])),
                              table, row_group_size=64)
+        probed = pa.table({"image_id": ids, "uri": table.column("uri"),  # the probe stage's record: decoded
+                           "key": [probe_key] * len(ids)}, schema=ledger.PROBE_SCHEMA)
+        codecs.write_parquet(storage.join(plan.probe_dir(root), layout.part_name([f"{i}\0{probe_key}" for i in ids])),
+                             probed)
         label_keys = ledger.label_keys(synthesis_key, pa.array(keys)).to_pylist()
         images, instances = [], []
         for record, tags, key in zip(chunk, class_ids, label_keys):
