@@ -26,10 +26,14 @@ from pipeline.stages.common import dataset, object_array
 log = logging.getLogger(__name__)
 
 
+def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """A Ray Data batch (columns) as a list of rows."""
+    return [{k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))]
+
+
 def decode_rows(maker, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """The decoded arrays of every usable row of a Ray Data batch."""
-    rows = [{k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))]
-    return [d for d in (maker.decode(row) for row in rows) if d is not None]
+    return [d for d in (maker.decode(row) for row in rows_of(batch)) if d is not None]
 
 
 def columns(samples: list[dict[str, np.ndarray]], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -90,7 +94,7 @@ def augmented_batches(maker, shard, batch_size: int, seed: int, device: torch.de
     rng = np.random.default_rng(seed)
     shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if augment else {}
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle):
-        rows = [{k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))]
+        rows = rows_of(batch)
         if decoded:
             rows = [maker.augment(r, rng) if augment else maker.plain(r) for r in rows]
         if rows:
