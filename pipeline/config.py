@@ -258,7 +258,7 @@ class SegmenterConfig:
     num_workers: int = 1  # Ray Train workers (data-parallel, DDP)
     use_gpu: bool = False  # one GPU per Ray Train worker (and a GPU task for evaluation)
     bf16: bool = False  # bf16 autocast on GPU workers (opt-in)
-    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker reserves
+    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker reserves, and the evaluation task (its torch threads)
     max_failures: int = 3  # Ray Train restarts from the last checkpoint after a worker failure at most this often
 
 

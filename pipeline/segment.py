@@ -86,7 +86,8 @@ def _train_and_evaluate(cfg: Config, state: ledger.RunState, version: str, label
     metrics = common.get(common.run_task(
         evaluate_segmenter, model_uri, eval_rows, classes, scales=section.eval_scales,
         mask_threshold=section.mask_threshold, iou_thresholds=list(cfg.eval.iou_thresholds),
-        max_pixels=cfg.data.max_pixels, num_cpus=1, num_gpus=1 if section.use_gpu else 0))
+        max_pixels=cfg.data.max_pixels, threads=round(section.cpus_per_worker), num_cpus=section.cpus_per_worker,
+        num_gpus=1 if section.use_gpu else 0))
     meta = json.loads(storage.read_text(model_uri + ".json"))
     result = {"model": section.model, "labels": labels, "version": version,
               "key": result_key, "train_images": meta.get("num_images"), "metrics": metrics}

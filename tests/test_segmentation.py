@@ -211,6 +211,12 @@ def test_resnet18_segmenters_take_a_cam_network_backbone(tmp_path):
     losses = maskrcnn.train()([torch.rand(3, 64, 64)], [target])
     sum(losses.values()).backward()
     assert maskrcnn.backbone.body.layer4[0].conv1.weight.grad is not None
+    # half width: FPN and mask head at 128 channels; 3 classes + background in both predictors
+    assert maskrcnn.backbone.out_channels == 128 and maskrcnn.roi_heads.mask_head[0][0].out_channels == 128
+    assert maskrcnn.roi_heads.box_predictor.cls_score.out_features == 4
+    assert maskrcnn.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    detections = maskrcnn.eval()([torch.rand(3, 64, 64)])[0]
+    assert detections["masks"].shape[1:] == (1, 64, 64)
     with pytest.raises(ValueError, match="segmenter.depth"):
         build_segmenter("maskrcnn", 3, depth=50, backbone_init=str(path))
     small = build_segmenter("maskrcnn", 3, depth=18, rpn_proposals=300, roi_samples=64)

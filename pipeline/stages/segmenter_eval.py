@@ -72,12 +72,15 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_segmenter(model_uri: str, rows: list[dict[str, Any]], classes: list[str], *, scales: list[float],
-                       mask_threshold: float, iou_thresholds: list[float], max_pixels: int) -> dict[str, Any]:
+                       mask_threshold: float, iou_thresholds: list[float], max_pixels: int,
+                       threads: int = 1) -> dict[str, Any]:
     """Task: the metrics of the exported segmenter at ``model_uri`` on ``rows`` (uri, semantic_uri
-    and instance_uri of the ground truth, instance_classes JSON), on a GPU when the task has one.
+    and instance_uri of the ground truth, instance_classes JSON), on a GPU when the task has one,
+    else with ``threads`` torch threads (the CPUs the task holds).
     An image whose files do not decode or whose ground truth differs in size is skipped and counted."""
     from pipeline.train.segmenter import load_segmenter
 
+    torch.set_num_threads(max(1, threads))  # a reused Ray worker keeps the thread count it started with
     net, meta = load_segmenter(model_uri)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)
