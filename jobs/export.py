@@ -17,8 +17,8 @@ import logging
 from pipeline import ledger
 from pipeline.config import from_dict
 from pipeline.io import layout, storage
-from pipeline.orchestrate import init_ray
 from pipeline.stages.export import FORMATS, export_version
+from pipeline.tasks import init_ray
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,8 +12,8 @@ import logging
 
 from pipeline import ledger
 from pipeline.config import from_dict
-from pipeline.orchestrate import init_ray
 from pipeline.stages.export import retain
+from pipeline.tasks import init_ray
 
 
 def main(argv: list[str] | None = None) -> dict:

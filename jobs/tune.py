@@ -14,8 +14,8 @@ import logging
 
 from pipeline.config import from_dict
 from pipeline.io import layout, storage
-from pipeline.orchestrate import init_ray
 from pipeline.stages.tune import BETAS, THRESHOLDS, tune
+from pipeline.tasks import init_ray
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:

@@ -9,9 +9,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline import ledger
+from pipeline import ledger, plan, probe
 from pipeline.io import codecs, layout, storage
-from pipeline.stages import plan, probe
 
 
 def _png(size: int = 8) -> bytes:

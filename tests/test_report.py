@@ -6,12 +6,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.colours import direction_wheel, displacement_colours, displacement_scale, instance_colours
 from pipeline.io.codecs import VOC_PALETTE
-from pipeline.previews import HEALTH_FIGURES, headline_figures, health_figures, stage_rows
-from pipeline.report import (PANELS, format_range, format_value, in_range, overlay_previews, preview_size,
-                             render_report, write_report)
-from pipeline.stages.plan import health_warnings
+from pipeline.plan import health_warnings
+from pipeline.report.colours import direction_wheel, displacement_colours, displacement_scale, instance_colours
+from pipeline.report.content import HEALTH_FIGURES, headline_figures, health_figures, stage_rows
+from pipeline.report.html import (
+    PANELS,
+    format_range,
+    format_value,
+    in_range,
+    overlay_previews,
+    preview_size,
+    render_report,
+    write_report,
+)
 
 
 def _inputs(height=300, width=520, seed=0):

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
-from pipeline import ledger
+from pipeline import ledger, plan, tasks
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
-from pipeline.stages import common, plan
+from pipeline.stages.synthesis import run_synthesis
 
 log = logging.getLogger(__name__)
 GT_COLUMNS = ["image_id", "gt_semantic_uri", "gt_instance_uri", "gt_instance_classes"]
@@ -108,7 +108,7 @@ def score_shard(batch: dict[str, np.ndarray], *, labels_dir: str, classes: list[
             out["status"].append(status)
             out["confusion"].append(np.zeros((0, 0), np.int64) if matrix is None else matrix)
             out["ap_records"].append("" if records is None else json.dumps(records))
-        yield {"status": np.array(out["status"], dtype=object), "confusion": common.object_array(out["confusion"]),
+        yield {"status": np.array(out["status"], dtype=object), "confusion": tasks.object_array(out["confusion"]),
                "ap_records": np.array(out["ap_records"], dtype=object)}
 
 
@@ -116,14 +116,14 @@ def evaluate_labels(cfg, manifest_dir: str, labels_dir: str, classes: list[str],
                     ) -> dict[str, Any]:
     """mIoU and mask AP of the labels in ``labels_dir`` on the manifest rows that have ground truth."""
     thresholds = list(cfg.eval.iou_thresholds)
-    grouped_ref, counts_ref = common.run_task(evaluation_plan, manifest_dir, labels_dir, num_returns=2,
+    grouped_ref, counts_ref = tasks.run_task(evaluation_plan, manifest_dir, labels_dir, num_returns=2,
                                               num_cpus=cfg.run.io_cpus)
-    counts = common.get(counts_ref)
+    counts = tasks.get(counts_ref)
     matrix = np.zeros((len(classes) + 1, len(classes) + 1), np.int64)
     ap = MaskAPAccumulator(iou_thresholds=thresholds)
     semantic_images = instance_images = 0
     if counts["labelled"]:
-        ds = common.dataset(grouped_ref, 1).map_batches(
+        ds = tasks.dataset(grouped_ref, 1).map_batches(
             score_shard, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_kwargs={"labels_dir": labels_dir, "classes": classes, "thresholds": thresholds})
         progress = StageProgress(name, counts["labelled"], every_seconds=cfg.run.progress_seconds)
@@ -149,5 +149,31 @@ def evaluate_labels(cfg, manifest_dir: str, labels_dir: str, classes: list[str],
     }
 
 
-def metrics_uri(root: str) -> str:
-    return storage.join(layout.report_dir(root), "metrics.json")
+def stage_evaluate(run: ledger.Run) -> dict[str, Any]:
+    manifest = run.state.data["manifest"]
+    version = ledger.latest_version(run.root)
+    if not manifest["ground_truth"] or version is None:
+        return {"_skipped": True, "reason": "no ground truth" if not manifest["ground_truth"] else "no labels"}
+    cfg = run.cfg
+    key = ledger.evaluation_key(version, cfg.eval, manifest["ground_truth_digest"])
+    if ledger.is_current(run.state, "evaluate", key, layout.metrics_file(run.root), forced=run.forced("evaluate")):
+        return {"_skipped": True, "version": version}
+    result = {"labels_version": version,
+              "irnet": evaluate_labels(cfg, run.manifest_dir, layout.labels_dir(run.root, version), run.classes),
+              "ablations": {}}
+    if cfg.eval.ablations:
+        for method in ("cam", "cam_boundary"):
+            key_m = run.synthesis_key(method)
+            directory = layout.ablation_dir(run.root, method, key_m)
+            run_synthesis(cfg, run.manifest_dir, run.classes, run.recorded_cams_key(), key_m, directory, None,
+                          method=method, stage=f"ablation_{method}", ground_truth_only=True)
+            tasks.get(tasks.run_task(plan.build_index, run.root, run.manifest_dir, run.classes,
+                                       run.recorded_cams_key(), key_m, directory, None, None,
+                                       stage=f"ablation_{method}", ground_truth_only=True, num_cpus=cfg.run.io_cpus))
+            result["ablations"][method] = evaluate_labels(cfg, run.manifest_dir, directory, run.classes,
+                                                          name=f"evaluate {method}")
+    result["cam_classification"] = run.state.stage("train_cam").get("held_out")
+    ledger.update_metrics(run.root, **result, segmenters=ledger.segmenter_results(run.root))
+    run.state.update_stage("evaluate", key=key)
+    full = result["irnet"]
+    return {"miou": full["miou"], **{f"ap{t}": v for t, v in full["ap"].items()}}

@@ -20,9 +20,10 @@ from pycocotools import mask as mask_utils
 
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, mean_iou
 from pipeline.data.images import ImageDecodeError, decode_image
-from pipeline.data.transforms import normalize
 from pipeline.data.segmentation import instance_masks
+from pipeline.data.transforms import normalize
 from pipeline.io import codecs, storage
+from pipeline.models.store import load_segmenter
 
 
 @torch.no_grad()
@@ -78,8 +79,6 @@ def evaluate_segmenter(model_uri: str, rows: list[dict[str, Any]], classes: list
     and instance_uri of the ground truth, instance_classes JSON), on a GPU when the task has one,
     else with ``threads`` torch threads (the CPUs the task holds).
     An image whose files do not decode or whose ground truth differs in size is skipped and counted."""
-    from pipeline.train.segmenter import load_segmenter
-
     torch.set_num_threads(max(1, threads))  # a reused Ray worker keeps the thread count it started with
     net, meta = load_segmenter(model_uri)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

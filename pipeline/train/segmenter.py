@@ -21,12 +21,11 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from pipeline import ledger
+from pipeline import ledger, plan
 from pipeline.data.images import ImageDecodeError, decode_image
 from pipeline.data.segmentation import instance_masks, instance_train_sample, semantic_train_sample
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.models.segmenters import build_segmenter
-from pipeline.stages import plan
 from pipeline.train import common, inputs
 
 log = logging.getLogger(__name__)
@@ -195,18 +194,3 @@ def backbone_weights(cfg) -> str:
     if depth != cfg.segmenter.depth:
         raise ValueError(f"segmenter.backbone_init: cam is a ResNet-{depth}; set segmenter.depth={depth}")
     return uri
-
-
-def load_segmenter(model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """An exported segmenter (eval mode) and its metadata."""
-    meta = json.loads(storage.read_text(model_uri + ".json"))
-    section = meta["config"]
-    net = build_segmenter(meta["network"], len(meta["classes"]), depth=section.get("depth", 50),
-                          min_size=section["min_size"], max_size=section["max_size"])
-    net.load_state_dict(common.load_exported(model_uri), strict=True)
-    return net.eval(), meta
-
-
-def model_file(root: str, model: str, labels: str) -> str:
-    return storage.join(root, "models", f"{model}-{labels}", "model.pt")
-

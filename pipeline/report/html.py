@@ -23,8 +23,15 @@ import math
 import numpy as np
 from PIL import Image
 
-from pipeline.colours import direction_wheel, displacement_colours, displacement_scale, instance_colours, jet, to_uint8
 from pipeline.io import storage
+from pipeline.report.colours import (
+    direction_wheel,
+    displacement_colours,
+    displacement_scale,
+    instance_colours,
+    jet,
+    to_uint8,
+)
 
 __all__ = ["PANELS", "UNITS", "format_range", "format_value", "in_range", "overlay_previews", "render_report",
            "write_report"]

@@ -1,6 +1,6 @@
 """Planning tasks: each reads key columns of the run root and applies a rule of ``pipeline.ledger``.
 
-They run as Ray tasks (``common.run_task``): the manifest and the done sets are read and joined
+They run as Ray tasks (``tasks.run_task``): the manifest and the done sets are read and joined
 there, in Arrow, and only the pending rows (as an object reference) and counts reach the driver.
 """
 
@@ -24,16 +24,11 @@ def _valid_rows(manifest_dir: str, columns: list[str]) -> pa.Table:
     return tables.read_shards(uris, columns) if uris else pa.table({c: pa.array([], pa.string()) for c in columns})
 
 
-def unreadable_file(manifest_dir: str) -> str:
-    """The manifest's images that do not decode (QUARANTINE_SCHEMA rows), written by the probe."""
-    return storage.join(manifest_dir, "unreadable.parquet")
-
-
 def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Table:
     """The rows of a run's manifest that every stage reads: the valid ones
     (``manifest/<stamp>/valid/``) whose image decodes (not in :func:`unreadable_file`)."""
     columns = columns or MANIFEST_COLUMNS
-    uri = unreadable_file(manifest_dir)
+    uri = layout.unreadable_file(manifest_dir)
     if not storage.exists(uri):
         return _valid_rows(manifest_dir, columns)
     rows = _valid_rows(manifest_dir, list(dict.fromkeys(columns + ["image_id"])))
@@ -41,14 +36,9 @@ def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Tab
     return tables.join_rows(rows, bad, ["image_id"], "left anti").select(columns)
 
 
-def probe_dir(root: str) -> str:
-    """Probe rows (ledger.PROBE_SCHEMA) of the images that decoded."""
-    return storage.join(root, "probe")
-
-
 def probe_plan(root: str, manifest_dir: str, key: str) -> tuple[pa.Table, dict[str, int]]:
     """Valid manifest rows (image_id, uri) whose image is still to be decoded (ledger.plan_probe)."""
-    probed = tables.read_shards(storage.list_files(probe_dir(root), ".parquet"), ["image_id", "uri", "key"])
+    probed = tables.read_shards(storage.list_files(layout.probe_dir(root), ".parquet"), ["image_id", "uri", "key"])
     return ledger.plan_probe(_valid_rows(manifest_dir, ["image_id", "uri"]), probed,
                              ledger.quarantined(root, "probe"), key)
 
@@ -60,7 +50,7 @@ def record_unreadable(root: str, manifest_dir: str, key: str, probed: pa.Table, 
     detail = ("image_id", "uri", "stage", "reason", "key")
     rows = ledger.unreadable(_valid_rows(manifest_dir, ["image_id", "uri"]), ledger.quarantined(root, "probe", detail),
                              key)
-    codecs.write_parquet(unreadable_file(manifest_dir), rows)
+    codecs.write_parquet(layout.unreadable_file(manifest_dir), rows)
     new = tables.join_rows(rows, probed.select(["image_id", "uri"]), ["image_id", "uri"], "left semi")
     return {"unreadable": rows.num_rows, "new": new.num_rows,
             "shown": new.slice(0, shown).select(["image_id", "uri", "reason"]).to_pylist()}
@@ -182,8 +172,8 @@ def rejected_rows(root: str, manifest_dir: str) -> pa.Table:
     """The manifest's rows no stage reads: those the manifest stage rejected and the images the
     probe could not decode (QUARANTINE_SCHEMA)."""
     parts = [manifest_rejects(root)]
-    if storage.exists(unreadable_file(manifest_dir)):
-        parts.append(codecs.read_parquet(unreadable_file(manifest_dir)))
+    if storage.exists(layout.unreadable_file(manifest_dir)):
+        parts.append(codecs.read_parquet(layout.unreadable_file(manifest_dir)))
     return pa.concat_tables([t.select(ledger.QUARANTINE_SCHEMA.names).cast(ledger.QUARANTINE_SCHEMA) for t in parts])
 
 
