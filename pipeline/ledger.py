@@ -97,6 +97,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.config import Config
+from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage
 from pipeline.io.tables import join_rows, read_shards
 
@@ -520,8 +521,8 @@ def read_quarantine(labels_dir: str) -> pa.Table:
 
 def manifest_keys(manifest: pa.Table, classes: list[str], cams_key: str) -> pa.Table:
     """(image_id, uri, class_ids, cam_key, split) of validated manifest rows."""
-    index = {name: i + 1 for i, name in enumerate(classes)}
-    class_ids = [sorted(index[n] for n in labels) for labels in manifest.column("labels").to_pylist()]
+    vocabulary = Vocabulary(classes)
+    class_ids = [vocabulary.ids(labels) for labels in manifest.column("labels").to_pylist()]
     return pa.table({"image_id": manifest.column("image_id"), "uri": manifest.column("uri"),
                      "class_ids": pa.array(class_ids, pa.list_(pa.int32())),
                      "cam_key": row_keys(cams_key, class_ids), "split": manifest.column("split")})

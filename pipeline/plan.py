@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import ledger
+from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage, tables
 
 MANIFEST_COLUMNS = ["image_id", "uri", "labels", "split", "gt_semantic_uri", "gt_instance_uri",
@@ -97,10 +98,7 @@ def cam_training_rows(manifest_dir: str, classes: list[str], *, held_out: bool =
     manifest = read_manifest(manifest_dir, ["uri", "labels", "held_out"])
     keep = manifest.column("held_out")
     manifest = manifest.filter(keep if held_out else pc.invert(keep)).slice(0, limit)
-    index = {name: i for i, name in enumerate(classes)}
-    targets = np.zeros((manifest.num_rows, len(classes)), np.float32)
-    for row, labels in enumerate(manifest.column("labels").to_pylist()):
-        targets[row, [index[n] for n in labels]] = 1.0
+    targets = Vocabulary(classes).multi_hot(manifest.column("labels").to_pylist())
     table = pa.table({"uri": manifest.column("uri"), "labels": manifest.column("labels"),
                       "target": pa.array(list(targets), pa.list_(pa.float32()))})
     prior = np.clip(targets.mean(axis=0), 1e-6, 1 - 1e-6) if len(targets) else np.full(len(classes), 0.5)
@@ -200,19 +198,38 @@ def index_summary(index: pa.Table, classes: list[str]) -> dict[str, Any]:
             "health_warnings": health_warnings(health)}
 
 
+# The healthy (low, high) range of the label-health figures that have one (ends included; None:
+# unbounded): outside it, health_warnings warns and the report marks the figure.
+HEALTHY = {"tagged_images_all_background": (None, 0.2), "foreground_to_cam_area": (0.5, 2.0),
+           "instances_per_tag": (0.5, 8.0)}
+
+
+def in_range(value: float | None, bounds: tuple[float | None, float | None] | None) -> bool | None:
+    """Whether ``value`` lies in ``bounds`` (ends included); None without a value or a range."""
+    if bounds is None or value is None or not np.isfinite(float(value)):
+        return None
+    low, high = bounds
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def healthy(key: str, value: float | None) -> bool | None:
+    """Whether label-health figure ``key`` lies in its HEALTHY range; None without a value or a range."""
+    return in_range(value, HEALTHY.get(key))
+
+
 def health_warnings(health: dict[str, float | None]) -> list[str]:
     """What looks wrong in labels without ground truth to check them against."""
     warnings = []
     empty, ratio, per_tag = (health.get(k) for k in ("tagged_images_all_background", "foreground_to_cam_area",
                                                      "instances_per_tag"))
-    if empty is not None and empty > 0.2:
+    if healthy("tagged_images_all_background", empty) is False:
         warnings.append(f"{100 * empty:.0f}% of tagged images are labelled all background: the background "
                         "thresholds (synthesis.*_bg_threshold) may be too high, or the CAMs too weak")
-    if ratio is not None and not 0.5 <= ratio <= 2.0:
-        side = "less" if ratio < 0.5 else "more"
+    if healthy("foreground_to_cam_area", ratio) is False:
+        side = "less" if ratio < HEALTHY["foreground_to_cam_area"][0] else "more"
         warnings.append(f"the labels cover {ratio:.2f}x the area the CAMs activate, much {side}: check the "
                         "background thresholds (python -m jobs.tune when some images have ground truth)")
-    if per_tag is not None and not 0.5 <= per_tag <= 8.0:
+    if healthy("instances_per_tag", per_tag) is False:
         warnings.append(f"{per_tag:.2f} instances per image tag: instances are probably "
-                        f"{'lost' if per_tag < 0.5 else 'fragmented'}")
+                        f"{'lost' if per_tag < HEALTHY['instances_per_tag'][0] else 'fragmented'}")
     return warnings

@@ -35,9 +35,14 @@ def run_log(root: str) -> str:
     return join(root, "run.log")
 
 
+def models_dir(root: str) -> str:
+    """Exported networks and the Ray Train runs (checkpoints) that made them."""
+    return join(root, "models")
+
+
 def model_file(root: str, network: str) -> str:
     """Exported state dict of ``network`` ('cam' or 'irn'); metadata beside it as ``.json``."""
-    return join(root, "models", network, "model.pt")
+    return join(models_dir(root), network, "model.pt")
 
 
 def cams_dir(root: str) -> str:
@@ -97,6 +102,11 @@ def report_file(root: str) -> str:
     return join(root, "report", "index.html")
 
 
+def tune_file(root: str) -> str:
+    """The threshold sweep of ``jobs.tune``."""
+    return join(root, "report", "tune.json")
+
+
 def metrics_file(root: str) -> str:
     """The evaluation of the latest version against ground truth, with the segmenters' results
     (written by :func:`pipeline.ledger.update_metrics` only)."""
@@ -121,4 +131,4 @@ def part_name(image_ids: list[str], prefix: str = "part") -> str:
 
 def segmenter_model_file(root: str, model: str, labels: str) -> str:
     """A downstream segmenter (``model`` trained on ``labels``: pseudo or ground_truth)."""
-    return join(root, "models", f"{model}-{labels}", "model.pt")
+    return join(models_dir(root), f"{model}-{labels}", "model.pt")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import ledger, plan, tasks
-from pipeline.data.images import decode_image
+from pipeline.data.images import read_inputs, read_label
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.models.store import load_trained
@@ -24,20 +24,20 @@ log = logging.getLogger(__name__)
 SEGMENTER_METRICS = {"deeplab": ("miou",), "maskrcnn": ("ap50", "ap70", "coco_ap")}  # paper Tables 3-4
 GRID_STRIDE = 4  # IRNet's boundary and displacement are at 1/4 of the image (IRNet.infer)
 
-# Label-health figures of ``plan.index_summary``: (name, unit, healthy (low, high) or None, what it is).
-# The ranges are those outside which ``plan.health_warnings`` warns (tests/test_report.py checks that
-# they agree); a figure without one depends on the data and is read beside the others.
+# Label-health figures of ``plan.index_summary``: (name, unit, what it is). The healthy ranges are
+# plan.HEALTHY, outside which ``plan.health_warnings`` warns; a figure without one depends on the
+# data and is read beside the others.
 HEALTH_FIGURES = {
-    "tagged_images_all_background": ("tagged images labelled all background", "percent", (None, 0.2),
+    "tagged_images_all_background": ("tagged images labelled all background", "percent",
                                      "images with a class tag whose labels have no foreground pixel"),
-    "foreground_fraction": ("foreground fraction", "percent", None,
+    "foreground_fraction": ("foreground fraction", "percent",
                             "mean share of an image's pixels labelled with a class"),
-    "cam_fraction": ("CAM fraction", "percent", None,
+    "cam_fraction": ("CAM fraction", "percent",
                      "mean share of an image's pixels where a CAM is above synthesis.cam_bg_threshold"),
-    "foreground_to_cam_area": ("labelled area / CAM area", "ratio", (0.5, 2.0),
+    "foreground_to_cam_area": ("labelled area / CAM area", "ratio",
                                "foreground fraction over CAM fraction: how far the labels grew or shrank the CAMs"),
-    "instances_per_image": ("instances per image", "ratio", None, "mean number of instances per labelled image"),
-    "instances_per_tag": ("instances per image tag", "ratio", (0.5, 8.0),
+    "instances_per_image": ("instances per image", "ratio", "mean number of instances per labelled image"),
+    "instances_per_tag": ("instances per image tag", "ratio",
                           "instances over image-level class tags: low, instances are lost; high, fragmented"),
 }
 
@@ -62,7 +62,7 @@ def make_previews(run, version: str, count: int) -> list[dict[str, Any]]:
     previews = []
     for row in rows:
         (cam_row,) = read_cam_rows(storage.join(layout.cams_dir(run.root), row["cam_shard"]), [row["image_id"]])
-        image = decode_image(storage.read_bytes(row["uri"]), max_pixels=run.cfg.data.max_pixels)
+        image, _ = read_inputs(row["uri"], max_pixels=run.cfg.data.max_pixels)
         height, width = image.shape[:2]
         stride4 = torch.from_numpy(cam_row["cams"])
         cam = None
@@ -73,8 +73,8 @@ def make_previews(run, version: str, count: int) -> list[dict[str, Any]]:
         if irn is not None:
             out = irn.infer(torch.from_numpy(normalize(image)), pad_to=run.cfg.train_irn.crop_size)
             boundary, displacement = out.boundary.numpy(), out.displacement.numpy()
-        semantic = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["semantic_uri"], labels_dir)))
-        instance = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["instance_uri"], labels_dir)))
+        semantic = read_label(storage.resolve(row["semantic_uri"], labels_dir))
+        instance = read_label(storage.resolve(row["instance_uri"], labels_dir))
         scale = None if displacement is None else displacement_scale(displacement)
         panels = overlay_previews(image, cam, boundary, displacement, semantic, instance, palette=codecs.VOC_PALETTE,
                                   stride=GRID_STRIDE, max_displacement=scale)
@@ -129,8 +129,9 @@ def health_figures(health: dict[str, float | None]) -> list[dict[str, Any]]:
     keys = [k for k in HEALTH_FIGURES if k in health] + [k for k in health if k not in HEALTH_FIGURES]
     figures = []
     for key in keys:
-        name, unit, healthy, meaning = HEALTH_FIGURES.get(key, (key.replace("_", " "), None, None, None))
-        figures.append({"name": name, "value": health[key], "unit": unit, "healthy": healthy, "meaning": meaning})
+        name, unit, meaning = HEALTH_FIGURES.get(key, (key.replace("_", " "), None, None))
+        figures.append({"name": name, "value": health[key], "unit": unit, "healthy": plan.HEALTHY.get(key),
+                        "meaning": meaning})
     return figures
 
 

@@ -22,7 +22,7 @@ from pipeline import ledger, plan, tasks
 from pipeline.algorithms.cams import make_cams
 from pipeline.algorithms.relations import mine_relations
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.images import read_inputs, unreadable_reason
 from pipeline.data.source_cams import SourceCamError, fit_source_cams, read_source_cams
 from pipeline.data.transforms import normalize, resize_image, scaled_size
 from pipeline.io import codecs, layout, storage
@@ -38,15 +38,6 @@ def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def failure(err: Exception, what: str) -> str:
-    """A quarantine reason a user can act on."""
-    if isinstance(err, ImageDecodeError):
-        return err.reason
-    if isinstance(err, FileNotFoundError):
-        return "image file not found"
-    return f"{what} failed ({type(err).__name__}: {err})"
-
-
 def scaled_inputs(image: np.ndarray, scales: list[float]) -> list[np.ndarray]:
     """Network inputs of Eq. 1: the image at each scale (bicubic), normalised, float32 [3, h, w]."""
     height, width = image.shape[:2]
@@ -60,10 +51,10 @@ def decode_for_cams(batch: dict[str, np.ndarray], *, scales: list[float], max_pi
     for image_id, uri in zip(batch["image_id"], batch["uri"]):
         image, scaled, error = np.zeros((0, 0, 3), np.uint8), [_EMPTY] * len(scales), ""
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            image, _ = read_inputs(uri, max_pixels=max_pixels)
             scaled = scaled_inputs(image, scales)
         except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
-            error = failure(err, "decoding")
+            error = unreadable_reason(err, "decoding")
         images.append(image)
         for s, x in enumerate(scaled):
             inputs[s].append(x)
@@ -127,7 +118,7 @@ class CamNetwork:
         except Exception as err:  # noqa: BLE001
             log.exception("CAM network failed on a batch")
             for i in ok:
-                errors[i] = failure(err, "CAM inference")
+                errors[i] = unreadable_reason(err, "CAM inference")
         out = {k: v for k, v in batch.items() if not k.startswith("input_")}
         return {**out, "error": np.array(errors, dtype=object),
                 **{f"maps_{s}": tasks.object_array(m) for s, m in enumerate(maps)}}
@@ -141,7 +132,7 @@ def decode_with_source_cams(batch: dict[str, np.ndarray], *, source: str, num_cl
     for image_id, uri, class_ids in zip(batch["image_id"], batch["uri"], batch["class_ids"]):
         image, low, high, error = np.zeros((0, 0, 3), np.uint8), _EMPTY, _EMPTY, ""
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            image, _ = read_inputs(uri, max_pixels=max_pixels)
             try:
                 data = storage.read_bytes(storage.join(source, f"{image_id}.npz"))
             except FileNotFoundError:
@@ -151,7 +142,7 @@ def decode_with_source_cams(batch: dict[str, np.ndarray], *, source: str, num_cl
         except SourceCamError as err:
             error = err.reason
         except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
-            error = failure(err, "decoding")
+            error = unreadable_reason(err, "decoding")
         images.append(image)
         stride4.append(low)
         high_res.append(high)
@@ -181,7 +172,7 @@ def mine_and_write(batch: dict[str, np.ndarray], *, root: str, relation_params: 
                 storage.write_bytes(layout.relation_png(root, str(image_id)), codecs.encode_semantic_png(relations))
             except Exception as err:  # noqa: BLE001
                 log.exception("relation mining failed for %s", image_id)
-                error = failure(err, "relation mining")
+                error = unreadable_reason(err, "relation mining")
         cams.append(low.astype(np.float16))
         high_res.append(high if keep_high_res and not error else _EMPTY)
         heights.append(image.shape[0])

@@ -18,6 +18,8 @@ from pycocotools import mask as mask_utils
 
 from pipeline import ledger, plan, tasks
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
+from pipeline.data.classes import Vocabulary
+from pipeline.data.images import read_label
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
 from pipeline.stages.synthesis import run_synthesis
@@ -66,13 +68,13 @@ def decode_instances(rows: list[dict[str, Any]], size: tuple[int, int]) -> tuple
 
 def gt_instances(ids: np.ndarray, instance_classes: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth masks bool [M, H, W] and class ids [M] (instance id i has class i-1 in the list)."""
-    index = {name: i + 1 for i, name in enumerate(classes)}
+    vocabulary = Vocabulary(classes)
     masks, class_ids = [], []
     for instance_id, name in enumerate(instance_classes, start=1):
         mask = ids == instance_id
-        if mask.any() and name in index:
+        if mask.any() and vocabulary.get(name) is not None:
             masks.append(mask)
-            class_ids.append(index[name])
+            class_ids.append(vocabulary.id(name))
     if not masks:
         return np.zeros((0,) + ids.shape, bool), np.zeros(0, np.int64)
     return np.stack(masks), np.array(class_ids)
@@ -90,10 +92,10 @@ def score_shard(batch: dict[str, np.ndarray], *, labels_dir: str, classes: list[
             predicted.setdefault(row["image_id"], []).append(row)
         out: dict[str, list] = {"status": [], "confusion": [], "ap_records": []}
         for image_id, semantic_uri, sem_uri, ins_uri, names in zip(ids, semantic_uris, gt_semantic, gt_instance, gt_classes):
-            pred = codecs.decode_label_png(storage.read_bytes(storage.resolve(str(semantic_uri), labels_dir)))
+            pred = read_label(storage.resolve(str(semantic_uri), labels_dir))
             matrix, records, status = None, None, "scored"
             if sem_uri:
-                gt = codecs.decode_label_png(storage.read_bytes(str(sem_uri)))
+                gt = read_label(str(sem_uri))
                 if gt.shape != pred.shape:
                     log.warning("%s: ground truth %s and labels %s differ in size; skipped", image_id, gt.shape,
                                 pred.shape)
@@ -101,7 +103,7 @@ def score_shard(batch: dict[str, np.ndarray], *, labels_dir: str, classes: list[
                 else:
                     matrix = confusion(pred, gt, len(classes) + 1)
             if ins_uri and status == "scored":
-                gt_ids = codecs.decode_label_png(storage.read_bytes(str(ins_uri)))
+                gt_ids = read_label(str(ins_uri))
                 rows = sorted(predicted.get(str(image_id), []), key=lambda r: r["instance_id"])
                 records = image_records(*decode_instances(rows, pred.shape), *gt_instances(gt_ids, list(names), classes),
                                         iou_thresholds=thresholds)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline import ledger, tasks
 from pipeline.config import Config
-from pipeline.data.manifest import MANIFEST_SCHEMA, _row_from_record, iter_manifest_records, manifest_format
+from pipeline.data.manifest import MANIFEST_SCHEMA, row_from_record, iter_manifest_records, manifest_format
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
 
@@ -48,7 +48,7 @@ def check_rows(records, first_row: int, base_dir: str, classes: list[str]) -> li
     known = set(classes)
     out = []
     for number, record in enumerate(records, start=first_row + 1):
-        row, reason = _row_from_record(record, base_dir)
+        row, reason = row_from_record(record, base_dir)
         if row is not None and known:
             unknown = sorted((set(row.labels) | set(row.gt_instance_classes)) - known)
             if unknown:

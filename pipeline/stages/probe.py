@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline import ledger, plan, tasks
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.images import ImageDecodeError, read_inputs
 from pipeline.io import codecs, layout, storage
 from pipeline.progress import StageProgress
 
@@ -42,7 +42,7 @@ def probe_batch(batch: pa.Table, *, root: str, key: str, max_pixels: int) -> dic
     for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
         row = {"image_id": image_id, "uri": uri, "key": key}
         try:
-            decode_image(storage.read_bytes(uri), max_pixels=max_pixels)
+            read_inputs(uri, max_pixels=max_pixels)
             decoded.append(row)
             statuses.append("decoded")
         except (ImageDecodeError, FileNotFoundError) as err:

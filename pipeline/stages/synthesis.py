@@ -24,13 +24,13 @@ from pycocotools import mask as mask_utils
 from pipeline import ledger, plan, tasks
 from pipeline.algorithms import synthesis as algo
 from pipeline.config import Config, SynthesisConfig
-from pipeline.data.images import decode_image
+from pipeline.data.images import read_inputs, unreadable_reason
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage
 from pipeline.models.store import load_trained
 from pipeline.progress import StageProgress
 from pipeline.stages import coco
-from pipeline.stages.cams import failure, pick_device, read_cam_rows
+from pipeline.stages.cams import pick_device, read_cam_rows
 
 log = logging.getLogger(__name__)
 STAGE = "synthesis"
@@ -120,12 +120,12 @@ def decode_for_irn(batch: dict[str, np.ndarray], *, max_pixels: int, pad_to: int
     for uri, height, width in zip(batch["uri"], batch["height"], batch["width"]):
         x, error = _EMPTY, ""
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            image, _ = read_inputs(uri, max_pixels=max_pixels)
             if image.shape[:2] != (int(height), int(width)):
                 raise ValueError(f"image is {image.shape[:2]} but its CAMs were made for {(int(height), int(width))}")
             x = padded_input(image, pad_to)
         except Exception as err:  # noqa: BLE001
-            error = f"synthesis failed ({failure(err, 'decoding')})"
+            error = f"synthesis failed ({unreadable_reason(err, 'decoding')})"
         inputs.append(x)
         errors.append(error)
     return {**batch, "input": tasks.object_array(inputs), "error": np.array(errors, dtype=object)}
@@ -163,7 +163,7 @@ class IrnNetwork:
             except Exception as err:  # noqa: BLE001
                 log.exception("IRNet failed on a batch")
                 for i in members:
-                    errors[i] = f"synthesis failed ({failure(err, 'IRNet inference')})"
+                    errors[i] = f"synthesis failed ({unreadable_reason(err, 'IRNet inference')})"
         out = {k: v for k, v in batch.items() if k != "input"}
         return {**out, "boundary": tasks.object_array(boundary), "displacement": tasks.object_array(displacement),
                 "error": np.array(errors, dtype=object)}
@@ -194,7 +194,7 @@ def label_and_write(batch: dict[str, np.ndarray], *, labels_dir: str, method: st
                                 codecs.encode_instance_png(instance_id_map(masks, scores, size)))
         except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
             log.exception("synthesis failed for %s", image_id)
-            errors[i] = f"synthesis failed ({failure(err, 'labelling')})"
+            errors[i] = f"synthesis failed ({unreadable_reason(err, 'labelling')})"
             continue
         foreground = (semantic != 0) & (semantic != 255)
         cam_area = float((cams.max(axis=0) > section.cam_bg_threshold).mean()) if len(cams) else 0.0

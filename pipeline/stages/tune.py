@@ -20,8 +20,8 @@ from pipeline import ledger, plan, tasks
 from pipeline.algorithms import synthesis as algo
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
 from pipeline.config import Config, from_dict
-from pipeline.data.images import decode_image
-from pipeline.io import codecs, layout, storage, tables
+from pipeline.data.images import read_inputs, read_label
+from pipeline.io import layout, storage, tables
 from pipeline.models.store import load_trained
 from pipeline.progress import StageProgress
 from pipeline.stages.cams import read_cam_rows
@@ -58,15 +58,14 @@ def score_sweep(batch: dict[str, np.ndarray], *, root: str, cfg: dict[str, Any],
         out: dict[str, list] = {"status": [], "result": []}
         for info in images:
             row = rows[info["image_id"]]
-            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=config.data.max_pixels)
+            image, _ = read_inputs(row["uri"], max_pixels=config.data.max_pixels)
             size = image.shape[:2]
             (inference,) = net.infer_padded(torch.from_numpy(padded_input(image, config.train_irn.crop_size))[None],
                                             [size])
-            gt_semantic = codecs.decode_label_png(storage.read_bytes(info["gt_semantic_uri"])) \
-                if info["gt_semantic_uri"] else None
+            gt_semantic = read_label(info["gt_semantic_uri"]) if info["gt_semantic_uri"] else None
             gt_masks = gt_classes = None
             if info["gt_instance_uri"]:
-                gt_masks, gt_classes = gt_instances(codecs.decode_label_png(storage.read_bytes(info["gt_instance_uri"])),
+                gt_masks, gt_classes = gt_instances(read_label(info["gt_instance_uri"]),
                                                     info["gt_instance_classes"] or [], classes)
             result: dict[str, Any] = {}
             groups = algo.pixel_groups(inference.displacement, **grouping_args(section)) \
@@ -132,5 +131,5 @@ def tune(cfg: Config, state: dict[str, Any], *, max_images: int = 200, betas: li
     if instance:
         first = f"ap{int(100 * cfg.eval.iou_thresholds[0])}"
         out["best_instance"] = max(instance, key=lambda r: np.nan_to_num(r[first], nan=-1))
-    storage.write_text(storage.join(layout.report_dir(root), "tune.json"), json.dumps(ledger.to_json_safe(out), indent=2))
+    storage.write_text(layout.tune_file(root), json.dumps(ledger.to_json_safe(out), indent=2))
     return out

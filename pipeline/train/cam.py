@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from pipeline import ledger, plan, tasks
 from pipeline.algorithms.metrics import classification_map
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.classes import Vocabulary
+from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
 from pipeline.data.transforms import cam_train_sample, held_out_input
 from pipeline.io import layout, storage
 from pipeline.models.cam_net import build_cam_net
@@ -27,15 +28,6 @@ from pipeline.models.store import load_trained
 from pipeline.train import common, inputs
 
 log = logging.getLogger(__name__)
-
-
-def multi_hot(labels: list[str], classes: list[str]) -> np.ndarray:
-    """float32 [C]: 1 for each tagged class."""
-    target = np.zeros(len(classes), np.float32)
-    index = {name: i for i, name in enumerate(classes)}
-    for name in labels:
-        target[index[name]] = 1.0
-    return target
 
 
 @torch.no_grad()
@@ -65,9 +57,9 @@ class CamSamples:
 
     def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
         try:
-            image = decode_image(storage.read_bytes(str(row["uri"])), max_pixels=self.max_pixels)
-        except (ImageDecodeError, OSError) as err:
-            log.warning("skipping %s in CAM training: %s", row["uri"], err)
+            image, _ = read_inputs(row["uri"], max_pixels=self.max_pixels)
+        except UNREADABLE as err:
+            log.warning("skipping %s in CAM training: %s", row["uri"], unreadable_reason(err))
             return None
         return {"image": image, "target": np.asarray(row["target"], np.float32)}
 
@@ -133,8 +125,8 @@ def held_out_batches(rows: list[dict[str, Any]], size: int, max_pixels: int):
     images, targets = [], []
     for row in rows:
         try:
-            images.append(held_out_input(decode_image(storage.read_bytes(row["uri"]), max_pixels=max_pixels), size))
-        except (ImageDecodeError, OSError):
+            images.append(held_out_input(read_inputs(row["uri"], max_pixels=max_pixels)[0], size))
+        except UNREADABLE:
             continue
         targets.append(np.asarray(row["target"], np.float32))
         if len(images) == 8:
@@ -189,7 +181,8 @@ def classifier_quality(root: str, rows: list[dict[str, Any]], classes: list[str]
     """Classification mAP of the exported CAM network on held-out rows (uri, labels), the images
     fitted into ``size`` x ``size`` as in training's per-epoch scoring; None without images."""
     net = load_trained(root, "cam", num_classes=len(classes))
-    batches = list(held_out_batches([{"uri": r["uri"], "target": multi_hot(r["labels"], classes)} for r in rows],
+    targets = Vocabulary(classes).multi_hot([r["labels"] for r in rows])
+    batches = list(held_out_batches([{"uri": r["uri"], "target": t} for r, t in zip(rows, targets)],
                                     size, max_pixels))
     if not batches:
         return None

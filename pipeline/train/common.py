@@ -233,7 +233,7 @@ def run_trainer(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], da
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage_path, storage_filesystem = storage.join(root, "models"), None
+    storage_path, storage_filesystem = layout.models_dir(root), None
     if storage.is_local(storage_path):
         storage_path = os.path.abspath(storage_path)
         os.makedirs(storage_path, exist_ok=True)

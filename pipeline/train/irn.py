@@ -20,9 +20,9 @@ from pipeline import ledger, plan, tasks
 from pipeline.algorithms.losses import irn_losses
 from pipeline.algorithms.pairs import downsample_labels, relation_pair_labels
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
 from pipeline.data.transforms import irn_train_sample, normalize
-from pipeline.io import codecs, layout, storage
+from pipeline.io import layout
 from pipeline.models.irnet import build_irnet
 from pipeline.models.store import load_exported
 from pipeline.train import common, inputs
@@ -45,13 +45,10 @@ class IrnSamples:
     def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
         uri = row["uri"]
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
-            relation = codecs.decode_label_png(storage.read_bytes(str(row["relation_uri"])))
-        except (ImageDecodeError, OSError, ValueError) as err:
-            log.warning("skipping %s in IRNet training: %s", uri, err)
-            return None
-        if relation.shape != image.shape[:2]:
-            log.warning("skipping %s: relation map %s does not match image %s", uri, relation.shape, image.shape[:2])
+            image, relation = read_inputs(uri, row["relation_uri"], max_pixels=self.max_pixels,
+                                          label_name="relation map")
+        except UNREADABLE as err:
+            log.warning("skipping %s in IRNet training: %s", uri, unreadable_reason(err))
             return None
         return {"image": image, "relation": relation}
 
