@@ -39,6 +39,7 @@ sys.path[:0] = [str(REPO), str(BENCHMARKS)]
 def stage_speed(size: int, depth: int, images: int, device: torch.device) -> list[list[str]]:
     """Images/s of CAM inference and of IRNet synthesis on ``device``, fp32 and bf16."""
     import stages  # benchmarks/stages.py
+
     from pipeline.config import SynthesisConfig
     from pipeline.data.transforms import normalize
     from pipeline.models.cam_net import build_cam_net
@@ -142,7 +143,7 @@ def label_job(workdir: str, cpus: int, gpu: bool) -> tuple[int, list[list[str]]]
     if done.returncode != 0:
         print(done.stdout[-4000:], done.stderr[-4000:], sep="\n")
         return done.returncode, []
-    from pipeline.orchestrate import STAGES
+    from pipeline.ledger import STAGES
 
     state = json.loads(Path(root, "run.json").read_text())
     stages = state["stages"]

@@ -126,7 +126,6 @@ def build_root(root: str, records: list[dict], data: str, args: list[str]) -> tu
     from pipeline.io import codecs, layout, storage
     from pipeline.models.cam_net import build_cam_net
     from pipeline.models.irnet import build_irnet
-    from pipeline.stages import plan
     from pipeline.stages.coco import coco_part, write_coco
     from pipeline.stages.synthesis import instance_rows
 
@@ -170,7 +169,7 @@ def build_root(root: str, records: list[dict], data: str, args: list[str]) -> tu
                              table, row_group_size=64)
         probed = pa.table({"image_id": ids, "uri": table.column("uri"),  # the probe stage's record: decoded
                            "key": [probe_key] * len(ids)}, schema=ledger.PROBE_SCHEMA)
-        codecs.write_parquet(storage.join(plan.probe_dir(root), layout.part_name([f"{i}\0{probe_key}" for i in ids])),
+        codecs.write_parquet(storage.join(layout.probe_dir(root), layout.part_name([f"{i}\0{probe_key}" for i in ids])),
                              probed)
         label_keys = ledger.label_keys(synthesis_key, pa.array(keys)).to_pylist()
         images, instances = [], []

@@ -31,18 +31,13 @@ import time
 import traceback
 from typing import Any
 
-from pipeline.io import storage
+from pipeline.io import layout, storage
 from pipeline.progress import OUR_LOGGERS, parse_worker_line
 
 log = logging.getLogger("irn-ray")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RELAY = "irn-ray-console"  # name of our handler in Ray's worker-output dispatcher
 _ANSI = re.compile(rb"\x1b\[[0-9;]*m")
-
-
-def run_log(root: str) -> str:
-    """The log of every job run in ``root``: Ray's lines and ours."""
-    return storage.join(root, "run.log")
 
 
 def started_as_job() -> bool:
@@ -117,7 +112,7 @@ class _Console:
             handle, self.path = tempfile.mkstemp(prefix="irn-ray-", suffix=".log")
             os.close(handle)
         else:
-            self.path = storage.filesystem(run_log(root))[1]
+            self.path = storage.filesystem(layout.run_log(root))[1]
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self.stopped = threading.Event()
         self.handlers: list[logging.Handler] = []
@@ -166,7 +161,7 @@ class _Console:
         for handler in self.handlers:
             root.addHandler(handler)
         sys.excepthook = self._excepthook
-        where = (f"{self.path} while the job runs, then {run_log(self.root)}" if self.remote else self.path)
+        where = (f"{self.path} while the job runs, then {layout.run_log(self.root)}" if self.remote else self.path)
         log.info("log: %s%s", where, "" if self.verbose else " (Ray's own lines too; --verbose shows them here)")
 
     def _follow(self, offset: int) -> None:
@@ -225,7 +220,7 @@ class _Console:
             self._upload()
 
     def _upload(self) -> None:
-        target = run_log(self.root)
+        target = layout.run_log(self.root)
         try:
             with open(self.path, "rb") as f:
                 ours = f.read()

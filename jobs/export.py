@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
+from jobs import _cli
 from pipeline import ledger
 from pipeline.config import from_dict
 from pipeline.io import layout, storage
-from pipeline.orchestrate import init_ray
 from pipeline.stages.export import FORMATS, export_version
+from pipeline.tasks import init_ray
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--format", choices=FORMATS, required=True)
     p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
     p.add_argument("--with-images", action="store_true", help="also copy the source images")
+    _cli.add_verbose(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _cli.console(args.root, verbose=args.verbose)
     version = args.version or ledger.latest_version(args.root)
     if version is None:
         raise SystemExit(f"{args.root}: no published labels version (labels/LATEST is missing)")

@@ -1,8 +1,8 @@
 """Label a data set end to end: ``python -m jobs.label --config FILE [--set key=value ...]``.
 
-Stages: probe, train_cam, cams, train_irn, synthesis, publish, evaluate, report. Each is skipped
-when its outputs are current; ``--from-stage S`` reruns S and everything after it, ``--only S`` runs
-S alone (and the probe, which finds the images that do not decode). The console shows our lines;
+The stages are ``pipeline.ledger.STAGES``; each is skipped when its outputs are current;
+``--from-stage S`` reruns S and everything after it, ``--only S`` runs S alone (and the probe, which
+finds the images that do not decode). The console shows our lines;
 Ray's own go to ``<run root>/run.log``, and to the console too with ``--verbose``.
 """
 
@@ -13,8 +13,9 @@ import logging
 
 from jobs import _cli
 from pipeline.io import layout, storage
-from pipeline.orchestrate import STAGES, QualityGateError, cam_skill, run_label
-from pipeline.stages.evaluate import metrics_uri
+from pipeline.ledger import STAGES
+from pipeline.orchestrate import run_label
+from pipeline.train.cam import QualityGateError, cam_skill
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,8 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     root = cfg.run.root
     print(f"labels: {layout.labels_dir(root, state['last_run']['labels_version'] or '-')}")
     print(f"report: {storage.join(layout.report_dir(root), 'index.html')}")
-    if storage.exists(metrics_uri(root)):
-        metrics = json.loads(storage.read_text(metrics_uri(root)))
+    if storage.exists(layout.metrics_file(root)):
+        metrics = json.loads(storage.read_text(layout.metrics_file(root)))
         for method, result in [("irnet", metrics["irnet"]), *metrics.get("ablations", {}).items()]:
             aps = "  ".join(f"AP{int(float(t) * 100)} {v:.3f}" for t, v in result["ap"].items() if v is not None)
             miou = f"{result['miou']:.3f}" if result["miou"] is not None else "-"

@@ -8,20 +8,21 @@ of the versions that made them, which therefore stay). Run it when no job runs i
 from __future__ import annotations
 
 import argparse
-import logging
 
+from jobs import _cli
 from pipeline import ledger
 from pipeline.config import from_dict
-from pipeline.orchestrate import init_ray
 from pipeline.stages.export import retain
+from pipeline.tasks import init_ray
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True, help="run root (local path or s3://...)")
     p.add_argument("--keep", type=int, required=True, help="published versions to keep (>= 1)")
+    _cli.add_verbose(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _cli.console(args.root, verbose=args.verbose)
     init_ray(from_dict({}))
     result = retain(ledger.RunState(args.root), args.root, args.keep)
     removed = sum(result["removed_files"].values())

@@ -11,12 +11,11 @@ import argparse
 import json
 import sys
 
-from jobs._console import run_log
 from pipeline import ledger
 from pipeline.io import layout, storage
 from pipeline.progress import duration, summary_table
 
-STAGES = ("manifest", "probe", "train_cam", "cams", "train_irn", "synthesis", "publish", "evaluate", "report")
+STAGES = ("manifest",) + ledger.STAGES
 
 
 def describe(root: str) -> str:
@@ -56,8 +55,8 @@ def describe(root: str) -> str:
         lines.append(f"last complete run: {duration(last.get('seconds'))}, labels version {last.get('labels_version')}")
     elif running:
         lines.append("no run has completed; one is running or was interrupted")
-    if storage.exists(run_log(root)):
-        lines.append(f"log of the jobs (Ray's lines included): {run_log(root)}")
+    if storage.exists(layout.run_log(root)):
+        lines.append(f"log of the jobs (Ray's lines included): {layout.run_log(root)}")
     return "\n".join(lines)
 
 

@@ -12,8 +12,7 @@ import argparse
 import json
 
 from pipeline.io import layout, storage
-from pipeline.segment import comparison_rows
-from pipeline.stages.evaluate import metrics_uri
+from pipeline.report.content import comparison_rows
 
 METHODS = (("CAM only", ("ablations", "cam")), ("CAM + boundary", ("ablations", "cam_boundary")),
            ("IRNet", ("irnet",)))
@@ -25,9 +24,9 @@ def _cell(value) -> str:
 
 def summary(root: str) -> str:
     """The table text of run root ``root`` (a line saying so when nothing was evaluated)."""
-    if not storage.exists(metrics_uri(root)):
+    if not storage.exists(layout.metrics_file(root)):
         return f"{root}: no evaluation yet (report/metrics.json is written when the manifest has ground truth)"
-    metrics = json.loads(storage.read_text(metrics_uri(root)))
+    metrics = json.loads(storage.read_text(layout.metrics_file(root)))
     lines = [f"labels {metrics.get('labels_version')} against the ground truth"
              f" ({((metrics.get('irnet') or {}).get('images') or {}).get('semantic', '?')} images):",
              f"  {'method':<16} {'mIoU':>6} {'AP50':>6} {'AP70':>6}"]

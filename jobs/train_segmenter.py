@@ -10,7 +10,7 @@ images that have ground truth, and the report shows them side by side with their
 from __future__ import annotations
 
 from jobs import _cli
-from pipeline.segment import run_segmenters
+from pipeline.downstream import run_segmenters
 
 
 def _fmt(value) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
+from jobs import _cli
 from pipeline.config import from_dict
 from pipeline.io import layout, storage
-from pipeline.orchestrate import init_ray
 from pipeline.stages.tune import BETAS, THRESHOLDS, tune
+from pipeline.tasks import init_ray
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-images", type=int, default=200, help="ground-truth images to use")
     p.add_argument("--betas", type=float, nargs="+", default=BETAS)
     p.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
+    _cli.add_verbose(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _cli.console(args.root, verbose=args.verbose)
     state = json.loads(storage.read_text(layout.run_json(args.root)))
     cfg = from_dict(state["config"])
     init_ray(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.io import storage
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -442,8 +444,6 @@ def from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -> Confi
 
 def resolve_local_paths(cfg: Config) -> Config:
     """Make relative local paths absolute: Ray workers run in other working directories."""
-    import os
-
     def absolute(value: str) -> str:
         return value if not value or "://" in value or os.path.isabs(value) else os.path.abspath(value)
 
@@ -462,8 +462,6 @@ def load_config(uri: str | None = None, overrides: list[str] = ()) -> Config:
     """Load YAML from a local path or fsspec URI (or defaults when ``uri`` is None) and apply overrides."""
     values: dict[str, Any] = {}
     if uri:
-        from pipeline.io import storage
-
         try:
             text = storage.read_text(uri)
         except FileNotFoundError:

@@ -7,37 +7,63 @@ stage when a committed row with the image's current key exists (a columnar anti-
 ``image_id`` + key, see :func:`plan_cams` and :func:`plan_synthesis`; it runs in a Ray task, not on
 the driver). The keys, and so what changes them:
 
-=========== ================================================================ ========================
-key         made from                                                        recorded in
-=========== ================================================================ ========================
-probe       ``data.max_pixels``                                              ``key`` of probe rows
-train_cam   ``train_cam`` settings, classes                                  run.json stages
-cams        hash of the CAM model file (or the ``cams.source``), classes,    run.json stages
-            ``cams``/``relations`` settings, ``data.max_pixels``
-train_irn   ``train_irn`` settings, the cams key                              run.json stages
-synthesis   ``synthesis`` settings, classes, the cams key, hashes of models  run.json labels
-CAM row     H(cams key, the image's class ids)                               ``key`` of CAM rows
-label row   H(synthesis key, CAM row key)                                    ``key`` of label rows
-=========== ================================================================ ========================
+================ =========================================================== ============================
+key              made from                                                   recorded in
+================ =========================================================== ============================
+probe            ``data.max_pixels``                                         ``key`` of probe rows
+train_cam        ``train_cam`` settings, classes                             run.json stages
+use_model        the given file's content, depth, classes                    run.json stages (train_*)
+held-out score   the CAM model file's hash (measured once per model)         run.json ``train_cam.held_out``
+cams             hash of the CAM model file (or the ``cams.source``),        run.json stages
+                 classes, ``cams``/``relations`` settings, ``max_pixels``
+train_irn        ``train_irn`` settings, the cams key                        run.json stages
+synthesis        ``synthesis`` settings, classes, the cams key, model hashes run.json labels
+CAM row          H(cams key, the image's class ids)                          ``key`` of CAM rows
+label row        H(synthesis key, CAM row key)                               ``key`` of label rows
+evaluate         the labels version, ``eval`` settings, ground truth digest  run.json stages
+report           the version, the evaluate key, ``eval.num_previews``, the   run.json stages
+                 segmenters' metrics
+segmenter        ``segmenter`` training settings, the labels (a version, or  run.json ``train_<m>_<labels>``
+                 the manifest's ground truth), classes
+segmenter result the segmenter key, the held-out image ids,                  run.json ``result_key``
+                 ``segmenter`` evaluation settings (SEGMENTER_EVALUATION_ONLY)
+================ =========================================================== ============================
 
-So a nightly run (``run.retrain: auto``):
+So a nightly run (``run.retrain: auto``), stage by stage:
 
-* decodes once the manifest images without a probe row or probe quarantine row of their uri and
-  key (new or moved images; all of them after ``--from-stage probe``). An image that does not
-  decode is quarantined (stage ``probe``) and every later stage, training included, reads the
-  manifest without it (``manifest/<stamp>/unreadable.parquet``, see :func:`plan_probe`);
-* retrains a network only when its key changed, its model is missing, or a run died mid-training
-  (it then resumes from the checkpoint);
-* computes CAMs and relations for manifest rows without a CAM row of their current key: new
-  images, images whose tags changed, every image after the CAM model or its settings changed
+* **probe** decodes once the manifest images without a probe row or probe quarantine row of their
+  uri and key (new or moved images). An image that does not decode is quarantined (stage
+  ``probe``) and every later stage, training included, reads the manifest without it
+  (``manifest/<stamp>/unreadable.parquet``, see :func:`plan_probe`);
+* **train_cam**, **train_irn** (and the segmenters of ``jobs.train_segmenter``) retrain a network
+  only when its key changed, its model is missing, or a run died mid-training (it then resumes
+  from the checkpoint): :func:`train_network`, the one train-then-mark-trained commit rule. A
+  ``use_model`` file is imported once per content (:func:`use_model_key`); the CAM network's
+  held-out score is measured once per model file (:func:`current_held_out`);
+* **cams** computes CAMs and relations for manifest rows without a CAM row of their current key:
+  new images, images whose tags changed, every image after the CAM model or its settings changed
   (old CAM outputs are then discarded). An image quarantined by the CAM stage is retried only when
   its uri or key changed;
-* labels, into a new version V, the images without a label row of their current key in the latest
-  version; every other image's row is carried into V's index as a *reference* to the version that
-  labelled it (its PNGs and instance rows are never copied or rewritten). An image the manifest no
-  longer lists leaves the index. A synthesis failure is retried when its uri or key changed;
-* writes ``labels/V/index.parquet`` and ``coco.json``, records V in run.json, and only then points
-  ``labels/LATEST`` at V. With nothing to label and nothing removed, no version is made.
+* **synthesis** labels, into a new version V, the images without a label row of their current key
+  in the latest version; every other image's row is carried into V's index as a *reference* to
+  the version that labelled it (its PNGs and instance rows are never copied or rewritten). An
+  image the manifest no longer lists leaves the index. A synthesis failure is retried when its uri
+  or key changed. With nothing labelled and nothing removed, no version is made
+  (:func:`version_needed`);
+* **publish** writes ``labels/V/index.parquet`` and ``coco.json``, records V in run.json, and only
+  then points ``labels/LATEST`` at V;
+* **evaluate** (with ground truth) scores LATEST when its key changed: a new version, other
+  ``eval`` settings, other ground truth; **report** is rebuilt when its key changed: a new version
+  or evaluation, other previews, new segmenter results (:func:`is_current`, the rule of every
+  stage with one output);
+* **segmenters** (``jobs.train_segmenter``) retrain on a new version (pseudo labels) or a new
+  manifest (ground truth) or other training settings; a change of evaluation-only settings
+  re-evaluates without retraining.
+
+``--from-stage S`` forces S and every stage after it (:func:`forced_stages`): networks retrain,
+CAMs and labels are recomputed for every image, a new version is made from scratch (no base),
+evaluation and report are redone. ``tests/test_ledger_scenarios.py`` walks these rules through
+the scenarios users meet (nothing changed, new images, changed tags or settings, ``--from-stage``).
 
 A run that died resumes: finished shards are done rows, and an unpublished version V whose
 synthesis key still holds is completed rather than restarted.
@@ -48,7 +74,10 @@ Commit rules (every file is written atomically: temporary name + rename, or one 
 * synthesis: the PNGs, then the batch's ``instances/`` shard and its COCO part, then its
   ``images/`` shard, whose rows name the instance shard they belong to (an ``images/`` row commits
   the image; instance rows count only through it);
-* a labels version: ``index.parquet``, ``coco.json``, the run.json record, then ``LATEST``.
+* a labels version: ``index.parquet``, ``coco.json``, the run.json record, then ``LATEST``;
+* a trained network: run.json ``trained: false`` with the key and the Ray Train run name, the
+  model file, its ``.json`` metadata, then ``trained: true`` (:func:`train_network`);
+* ``report/metrics.json``: one read-modify-write of its top-level fields (:func:`update_metrics`).
 """
 
 from __future__ import annotations
@@ -59,16 +88,40 @@ import logging
 import math
 import platform
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import __version__
+from pipeline.config import Config
+from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage
 from pipeline.io.tables import join_rows, read_shards
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# -------------------------------------------------------------------------------------- stages
+
+# The stages of a labelling run, in order (after the manifest, which every run reads): the driver
+# runs them in this order, jobs.status lists them so, the docs name them.
+STAGES = ("probe", "train_cam", "cams", "train_irn", "synthesis", "publish", "evaluate", "report")
+# Stages that run even when --only leaves them out: every later stage reads the manifest without
+# the images the probe found unreadable (a planning task, when no image is new).
+ALWAYS = ("probe",)
+
+
+def forced_stages(from_stage: str | None) -> set[str]:
+    """``--from-stage S``: S and every stage after it redo their work whatever their keys say
+    (a network retrains, CAMs and labels are recomputed, a new version is made from scratch)."""
+    if from_stage is None:
+        return set()
+    if from_stage not in STAGES:
+        raise ValueError(f"unknown stage {from_stage!r}; stages: {', '.join(STAGES)}")
+    return set(STAGES[STAGES.index(from_stage):])
 
 # ----------------------------------------------------------------------------------------- keys
 
@@ -150,8 +203,6 @@ def package_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
-    from pipeline import __version__
-
     versions["irn-ray"] = __version__
     return versions
 
@@ -196,6 +247,45 @@ class RunState:
         storage.write_text(self.uri, json.dumps(to_json_safe(self.data), indent=2, sort_keys=True))
 
 
+@dataclass
+class Run:
+    """One labelling run as its stages see it: the config, the validated manifest, the classes,
+    run.json, and which stages ``--from-stage`` forces and ``--only`` selects."""
+
+    cfg: Config
+    manifest_dir: str
+    classes: list[str]
+    state: RunState
+    force: set[str] = field(default_factory=set)
+    only: set[str] | None = None
+
+    @property
+    def root(self) -> str:
+        return self.cfg.run.root
+
+    def forced(self, stage: str) -> bool:
+        return stage in self.force
+
+    def selected(self, stage: str) -> bool:
+        """Whether the driver runs ``stage`` at all (``--only``; ALWAYS stages always)."""
+        return self.only is None or stage in self.only or stage in ALWAYS
+
+    def cams_key(self) -> str:
+        source = self.cfg.cams.source
+        model = f"source:{source}" if source else file_fingerprint(layout.model_file(self.root, "cam"))
+        return cams_key(self.cfg, self.classes, model)
+
+    def recorded_cams_key(self) -> str | None:
+        """The key of the CAMs on storage (what later stages read), as the cams stage recorded it."""
+        return self.state.stage("cams").get("key")
+
+    def synthesis_key(self, method: str | None = None) -> str:
+        method = method or self.cfg.synthesis.method
+        networks = ([] if self.cfg.cams.source else ["cam"]) + ([] if method == "cam" else ["irn"])
+        models = [file_fingerprint(layout.model_file(self.root, m)) for m in networks]
+        return synthesis_key(self.cfg, self.classes, self.recorded_cams_key(), models, method)
+
+
 def needs_training(state: RunState, network: str, key: str, *, policy: str, forced: bool,
                    model_exists: bool) -> tuple[bool, bool]:
     """(train?, resume the interrupted Ray Train run?) for ``network`` by ``run.retrain``."""
@@ -205,6 +295,44 @@ def needs_training(state: RunState, network: str, key: str, *, policy: str, forc
               or (policy == "auto" and stage.get("key") != key))
     resume = needed and interrupted and stage.get("key") == key and bool(stage.get("run_name"))
     return needed, resume
+
+
+def train_network(state: RunState, network: str, key: str, model: str, train: Callable[[str], T], *,
+                  policy: str, forced: bool) -> T | None:
+    """The one commit rule of every trained network (CAM, IRNet, the segmenters): when
+    :func:`needs_training` says so, record the key and the Ray Train run name with
+    ``trained: false``, train (``train(run_name)`` exports ``model``), then mark it trained. A run
+    that dies in between leaves ``trained: false``: the next run resumes the same Ray Train run.
+    Returns what ``train`` returned, or None when the model at ``model`` is current."""
+    needed, resume = needs_training(state, network, key, policy=policy, forced=forced,
+                                    model_exists=storage.exists(model))
+    if not needed:
+        return None
+    stage = f"train_{network}"
+    name = state.stage(stage)["run_name"] if resume else f"{network}-{key}-{time.strftime('%Y%m%dT%H%M%S')}"
+    state.update_stage(stage, key=key, run_name=name, trained=False, status="running")
+    result = train(name)
+    state.update_stage(stage, trained=True, status="done")
+    return result
+
+
+def use_model_key(section: Any, classes: list[str]) -> str:
+    """``train_<network>.use_model``: the given file's content, the depth and the classes."""
+    return fingerprint({"use_model": section.use_model, "file": file_fingerprint(section.use_model),
+                        "depth": section.depth, "classes": classes})
+
+
+def current_held_out(state: RunState, model: str) -> dict[str, Any] | None:
+    """The CAM network's held-out classification score recorded for the model file whose
+    :func:`file_fingerprint` is ``model``, or None: it is measured once per model."""
+    recorded = state.stage("train_cam").get("held_out")
+    return recorded if recorded and recorded.get("model") == model else None
+
+
+def record_held_out(state: RunState, model: str, quality: dict[str, Any] | None) -> dict[str, Any]:
+    record = {**(quality or {"images": 0}), "model": model}
+    state.update_stage("train_cam", held_out=record)
+    return record
 
 
 def claim_stage_outputs(state: RunState, stage: str, key: str, directories: list[str], *,
@@ -220,6 +348,65 @@ def claim_stage_outputs(state: RunState, stage: str, key: str, directories: list
             storage.remove(directory, recursive=True)
     if previous != key:
         state.update_stage(stage, key=key)
+
+
+def is_current(state: RunState, stage: str, key: str, output: str, *, forced: bool = False,
+               field: str = "key") -> bool:
+    """The rule of the stages with one output (use_model, evaluation, report, a segmenter's
+    result): current when run.json records ``key`` for it (under ``field``), the output exists and
+    ``--from-stage`` does not force it."""
+    return not forced and state.stage(stage).get(field) == key and storage.exists(output)
+
+
+# ------------------------------------------------------------- evaluation, report, segmenters
+
+def evaluation_key(version: str, eval_settings: Any, ground_truth_digest: str | None) -> str:
+    """The evaluation of a labels version: the version, ``eval`` settings, the ground truth's digest."""
+    return fingerprint({"version": version, "eval": vars(eval_settings), "gt": ground_truth_digest})
+
+
+def report_key(version: str, evaluation: str | None, previews: int, segmenters: dict[str, Any]) -> str:
+    """The report: the version, the evaluation key, ``eval.num_previews``, the segmenters' metrics."""
+    return fingerprint({"version": version, "metrics": evaluation, "previews": previews,
+                        "segmenters": {k: v.get("metrics") for k, v in segmenters.items()}})
+
+
+# Segmenter settings that change its results, not the model: a change re-evaluates, never retrains.
+SEGMENTER_EVALUATION_ONLY = {"eval_scales", "mask_threshold", "max_eval_images"}
+
+
+def segmenter_key(section: Any, labels: str, classes: list[str], version: str, manifest_stamp: str) -> str:
+    """A downstream segmenter: its training settings, the labels it learns from (a labels version,
+    or the ground truth of this manifest), the classes."""
+    training = {k: v for k, v in settings(section, training=True).items()
+                if k not in SEGMENTER_EVALUATION_ONLY | {"labels"}}
+    return fingerprint({"segmenter": training, "labels": labels, "classes": classes, "version": version,
+                        "manifest": manifest_stamp if labels == "ground_truth" else None})
+
+
+def segmenter_result_key(model: str, image_ids: list[str], section: Any) -> str:
+    """A segmenter's evaluation: its model key, the held-out images, the evaluation settings."""
+    return fingerprint({"model": model, "images": image_ids,
+                        **{k: getattr(section, k) for k in SEGMENTER_EVALUATION_ONLY}})
+
+
+def read_metrics(root: str) -> dict[str, Any] | None:
+    uri = layout.metrics_file(root)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def update_metrics(root: str, **fields: Any) -> dict[str, Any]:
+    """Set top-level ``fields`` of ``report/metrics.json`` (the evaluation writes its own, the
+    segmenter job ``segmenters``; each keeps the other's); one atomic write."""
+    metrics = {**(read_metrics(root) or {}), **fields}
+    storage.write_text(layout.metrics_file(root), json.dumps(to_json_safe(metrics), indent=2, sort_keys=True))
+    return metrics
+
+
+def segmenter_results(root: str) -> dict[str, dict[str, Any]]:
+    """{'<model>-<labels>': result} of every segmenter evaluated in this run root."""
+    return {uri.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(storage.read_text(uri))
+            for uri in storage.list_files(layout.segmenter_results_dir(root), ".json")}
 
 
 # ------------------------------------------------------------------------------ labels versions
@@ -246,6 +433,18 @@ def begin_version(state: RunState, root: str, key: str, *, forced: bool) -> dict
 def record_pending(state: RunState, pending: dict[str, Any] | None) -> None:
     state.labels["pending"] = None if pending is None else {k: pending[k] for k in ("name", "key", "base")}
     state.save()
+
+
+def version_needed(state: RunState, pending: dict[str, Any], *, labelled: int, removed: int) -> bool:
+    """After synthesis wrote ``pending``'s labels: is there a new version to publish? A resumed or
+    first version is; a new one on top of LATEST only when it labelled or removed an image. The
+    answer is recorded: the pending version is marked complete (for publish), or dropped."""
+    if pending["resumed"] or not pending["base"] or labelled or removed:
+        state.labels["pending"]["complete"] = True
+        state.save()
+        return True
+    record_pending(state, None)  # the latest version is current: no new version
+    return False
 
 
 def publish_version(state: RunState, root: str, version: str, summary: dict[str, Any]) -> None:
@@ -317,13 +516,13 @@ def read_quarantine(labels_dir: str) -> pa.Table:
 
 # ----------------------------------------------------------------------------------------- plans
 # The "done" rules as Arrow computations over key columns. They run inside a Ray task
-# (pipeline.stages.plan), so the driver never holds the set's ids; only counts come back.
+# (pipeline.plan), so the driver never holds the set's ids; only counts come back.
 
 
 def manifest_keys(manifest: pa.Table, classes: list[str], cams_key: str) -> pa.Table:
     """(image_id, uri, class_ids, cam_key, split) of validated manifest rows."""
-    index = {name: i + 1 for i, name in enumerate(classes)}
-    class_ids = [sorted(index[n] for n in labels) for labels in manifest.column("labels").to_pylist()]
+    vocabulary = Vocabulary(classes)
+    class_ids = [vocabulary.ids(labels) for labels in manifest.column("labels").to_pylist()]
     return pa.table({"image_id": manifest.column("image_id"), "uri": manifest.column("uri"),
                      "class_ids": pa.array(class_ids, pa.list_(pa.int32())),
                      "cam_key": row_keys(cams_key, class_ids), "split": manifest.column("split")})

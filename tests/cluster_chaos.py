@@ -24,11 +24,11 @@ import time
 
 import ray
 from ray.cluster_utils import Cluster
+from support import label_versions  # tests/ is this script's directory
 
 from pipeline.config import load_config
 from pipeline.io import layout, storage
 from pipeline.orchestrate import run_label
-from support import label_versions  # tests/ is this script's directory
 
 NODE = {"num_cpus": 2, "object_store_memory": 150 * 2**20}
 

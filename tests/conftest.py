@@ -21,7 +21,7 @@ def ray_session():
     import ray
 
     from pipeline.config import from_dict
-    from pipeline.orchestrate import init_ray
+    from pipeline.tasks import init_ray
 
     init_ray(from_dict({"ray": {"address": "local", "num_cpus": 2}}))
     yield ray
@@ -37,8 +37,9 @@ def labelled(tmp_path_factory, ray_session):
     reruns the job in this root.
     """
     from hostile import files_outside, hostile_manifest, tiny_config
-    from jobs import label
     from support import label_outputs
+
+    from jobs import label
 
     tmp = str(tmp_path_factory.mktemp("label"))
     root = f"{tmp}/run"

@@ -24,12 +24,12 @@ RAY_INTERNALS = ("(SplitCoordinator", "core_worker.cc", "execution finished", "S
 SCRIPT = textwrap.dedent(r'''
     import atexit, logging, os, sys, threading
     from jobs import _console
-    from pipeline.io import storage
+    from pipeline.io import layout, storage
 
     root, verbose, fail = sys.argv[1], sys.argv[2] == "verbose", sys.argv[3] == "fail"
     atexit.register(lambda: os.write(1, b"descriptor 1 is the console again\n"))
     if root.startswith("memory://"):
-        atexit.register(lambda: os.write(1, storage.read_bytes(_console.run_log(root))))
+        atexit.register(lambda: os.write(1, storage.read_bytes(layout.run_log(root))))
     _console.start(root, verbose=verbose)
     logging.getLogger("pipeline.orchestrate").info("stage cams: started")
     logging.getLogger("ray.data").info("Dataset train_0 execution finished in 1.00 seconds")
@@ -96,10 +96,11 @@ def test_a_remote_run_root_gets_the_log_when_the_job_ends():
 
 @pytest.mark.slow
 def test_a_label_job_console_reports_an_unreadable_image_once_before_training(labelled, tmp_path):
+    from support import copy_models
+
+    from pipeline import plan
     from pipeline.data.synthetic import write_synthetic_set
     from pipeline.io import codecs
-    from pipeline.stages import plan
-    from support import copy_models
 
     data = tmp_path / "data"
     manifest = write_synthetic_set(str(data), num_images=4, seed=5, num_classes=4, min_size=64, max_size=80)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from hostile import encode
 from PIL import Image
 
-from hostile import encode
 from pipeline.data.images import ImageDecodeError, decode_image, image_size
 
 

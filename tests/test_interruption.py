@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from support import assert_same_outputs, copy_models, label_outputs, label_versions
 
 from pipeline.io import layout, storage
-from support import assert_same_outputs, copy_models, label_outputs, label_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pipeline.data.synthetic import write_synthetic_set
-from pipeline import ledger
-from pipeline.io import layout, storage
 from support import copy_models, free_port, wait_for_port
+
+from pipeline import ledger
+from pipeline.data.synthetic import write_synthetic_set
+from pipeline.io import layout, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

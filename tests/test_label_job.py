@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
+from hostile import BROKEN, CLASSES, CMYK, CONVERTED, GOOD, unsafe_ids
 from PIL import Image
 
-from hostile import BROKEN, CLASSES, CMYK, CONVERTED, GOOD, unsafe_ids
 from jobs import label
 from pipeline import ledger
 from pipeline.algorithms import synthesis as algo
@@ -28,8 +28,8 @@ from pipeline.data.images import decode_image
 from pipeline.data.synthetic import write_synthetic_set
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage
+from pipeline.models.store import load_exported
 from pipeline.stages.cams import read_cam_rows
-from pipeline.train.common import load_exported
 
 pytestmark = pytest.mark.slow
 
@@ -323,8 +323,9 @@ def test_a_nightly_rerun_writes_files_in_proportion_to_the_new_images(labelled, 
 
 
 def test_export_status_of_the_labelled_run(labelled, tmp_path):
-    from jobs import export, status
     from pycocotools.coco import COCO
+
+    from jobs import export, status
 
     root = labelled["root"]
     labels_dir = _labels_dir(root)
@@ -382,8 +383,9 @@ def test_quality_gate_stops_before_publishing(labelled, tmp_path, caplog):
 
 
 def test_cams_from_another_source_replace_the_cam_network(labelled, tmp_path):
-    from pipeline.data.source_cams import fit_source_cams, read_source_cams
     from support import copy_models
+
+    from pipeline.data.source_cams import fit_source_cams, read_source_cams
 
     data, source = str(tmp_path / "data"), str(tmp_path / "cams")
     manifest = write_synthetic_set(data, num_images=6, seed=3, num_classes=3, min_size=64, max_size=80,
@@ -418,11 +420,11 @@ def test_cams_from_another_source_replace_the_cam_network(labelled, tmp_path):
 
 def test_tune_sweeps_thresholds_on_the_stored_cams(labelled):
     from jobs import tune
+    from pipeline import plan
     from pipeline.algorithms.metrics import confusion, mean_iou
-    from pipeline.stages import plan
-    from pipeline.stages.plan import read_manifest
+    from pipeline.models.store import load_trained
+    from pipeline.plan import read_manifest
     from pipeline.stages.synthesis import padded_input
-    from pipeline.train.common import load_trained
 
     root = labelled["root"]
     result = tune.main(["--root", root, "--max-images", "3", "--betas", "5", "10", "--thresholds", "0.2", "0.4"])

@@ -216,7 +216,7 @@ def test_retain_keeps_what_kept_versions_reference(tmp_path, ray_session):
 
 
 def test_index_summary_counts_and_health_warnings():
-    from pipeline.stages.plan import health_warnings, index_summary
+    from pipeline.plan import health_warnings, index_summary
 
     rows = _index_rows(["a", "b", "c", "d"], ["k"] * 4)
     rows = rows.set_column(rows.schema.get_field_index("num_instances"), "num_instances", pa.array([2, 0, 1, 0], pa.int32()))

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import label_outputs
 
 from pipeline.data.synthetic import write_synthetic_set
 from pipeline.io import layout, storage
-from support import label_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 12

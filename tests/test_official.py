@@ -8,8 +8,8 @@ import io
 
 import pytest
 import torch
-
 from official_irn import OfficialCAM, OfficialIRN
+
 from pipeline.models.cam_net import build_cam_net
 from pipeline.models.irnet import build_irnet
 from pipeline.models.official import convert_official, is_official, official_to_cam, official_to_irn

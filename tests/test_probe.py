@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline import ledger
+from pipeline import ledger, plan
 from pipeline.io import codecs, layout, storage
-from pipeline.stages import plan, probe
+from pipeline.stages import probe
 
 
 def _png(size: int = 8) -> bytes:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import load_config
-from pipeline.orchestrate import QualityGateError, cam_skill, quality_gate
+from pipeline.train.cam import QualityGateError, cam_skill, quality_gate
 
 
 def _run(held_out: dict, *overrides: str, final_loss: float = 0.2, chance_loss: float = 0.6):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.algorithms.propagation import random_walk, transition_matrix
 from pipeline.algorithms.pairs import search_offsets
+from pipeline.algorithms.propagation import random_walk, transition_matrix
 
 
 def dense_affinity(boundary: np.ndarray, radius: int) -> np.ndarray:

@@ -6,12 +6,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.colours import direction_wheel, displacement_colours, displacement_scale, instance_colours
 from pipeline.io.codecs import VOC_PALETTE
-from pipeline.previews import HEALTH_FIGURES, headline_figures, health_figures, stage_rows
-from pipeline.report import (PANELS, format_range, format_value, in_range, overlay_previews, preview_size,
-                             render_report, write_report)
-from pipeline.stages.plan import health_warnings
+from pipeline.plan import HEALTHY, health_warnings
+from pipeline.report.colours import direction_wheel, displacement_colours, displacement_scale, instance_colours
+from pipeline.report.content import HEALTH_FIGURES, headline_figures, health_figures, stage_rows
+from pipeline.report.html import (
+    PANELS,
+    format_range,
+    format_value,
+    in_range,
+    overlay_previews,
+    preview_size,
+    render_report,
+    write_report,
+)
 
 
 def _inputs(height=300, width=520, seed=0):
@@ -249,11 +257,13 @@ def test_format_value_by_unit():
             in_range(None, (0.5, 2.0)), in_range(1.0, None)) == (True, False, False, None, None)
 
 
-def test_healthy_ranges_are_those_the_health_warnings_use():
-    """A value just inside a figure's range gives no warning, one just outside one (plan.health_warnings)."""
-    ranged = {key: healthy for key, (_, _, healthy, _) in HEALTH_FIGURES.items() if healthy is not None}
-    assert set(ranged) == {"tagged_images_all_background", "foreground_to_cam_area", "instances_per_tag"}
-    for key, (low, high) in ranged.items():
+def test_a_figure_just_outside_its_healthy_range_warns_once():
+    """A value just inside a figure's range gives no warning, one just outside one (plan.health_warnings),
+    and the report marks the same values."""
+    ranged = {f["name"]: f["healthy"] for f in health_figures({k: 1.0 for k in HEALTH_FIGURES}) if f["healthy"]}
+    assert set(ranged) == {"tagged images labelled all background", "labelled area / CAM area",
+                           "instances per image tag"}
+    for key, (low, high) in HEALTHY.items():
         for edge, outside in ((low, -1e-3), (high, 1e-3)):
             if edge is None:
                 continue

@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support import assert_same_outputs, copy_models, free_port, label_outputs, wait_for_port
 
 from jobs import label
-from pipeline.io import layout
 from pipeline.data.synthetic import write_synthetic_set
-from support import assert_same_outputs, copy_models, free_port, label_outputs, wait_for_port
+from pipeline.io import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "irn-test-secret-key-not-real"

@@ -19,7 +19,7 @@ import yaml
 
 from jobs import _cli
 from pipeline.config import ConfigError, from_dict, load_config
-from pipeline.train.common import load_exported
+from pipeline.models.store import load_exported
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for package in ("pipeline", "jobs") for p in (ROOT / package).rglob("*.py"))
@@ -182,7 +182,7 @@ def _captured_init(monkeypatch, **ray_cfg) -> dict:
     """The keyword arguments init_ray passes to ray.init (Ray itself is not started)."""
     import ray
 
-    from pipeline.orchestrate import init_ray
+    from pipeline.tasks import init_ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

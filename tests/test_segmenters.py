@@ -13,9 +13,9 @@ import torch
 from jobs import train_segmenter
 from pipeline import ledger
 from pipeline.io import layout, storage
+from pipeline.io.layout import segmenter_model_file as model_file
 from pipeline.ledger import RunState
-from pipeline.train.common import load_exported
-from pipeline.train.segmenter import model_file
+from pipeline.models.store import load_exported
 
 pytestmark = pytest.mark.slow
 TINY = ["segmenter.backbone_init=none", "segmenter.epochs=1", "segmenter.max_steps=2", "segmenter.batch_size=4",

@@ -15,7 +15,7 @@ from pipeline.io import layout, storage
 from pipeline.ledger import RunState
 from pipeline.models.cam_net import build_cam_net
 from pipeline.models.irnet import build_irnet
-from pipeline.train.common import load_exported
+from pipeline.models.store import load_exported
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,11 @@
-"""Image bytes -> RGB uint8 array, or one typed error with a readable reason.
+"""Image bytes -> RGB uint8 array, or one typed error with a readable reason; and the one way every
+stage reads an input image (with its label PNG) or says why it cannot.
 
-Every way an input can be bad (empty, truncated, not an image, too many pixels, an unsupported
+Every way an image can be bad (empty, truncated, not an image, too many pixels, an unsupported
 mode) ends in :class:`ImageDecodeError`, which the stages turn into a quarantine row, so a bad file
-never takes a worker down.
+never takes a worker down. :func:`read_inputs` reads an image and, optionally, a label PNG of the
+same size; what it can raise for a bad or missing input is :data:`UNREADABLE`, and
+:func:`unreadable_reason` says it in words.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.io import codecs, storage
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -92,3 +97,37 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageDecodeError(f"could not decode image ({type(err).__name__}: {err})") from None
     finally:
         image.close()
+
+
+# What reading an input raises when the file is bad or gone (a decoder error, a missing or
+# unreadable file, a label PNG of another size or kind): the readers that skip or quarantine a
+# record catch exactly these; anything else is a fault of the code and propagates.
+UNREADABLE = (ImageDecodeError, OSError, ValueError)
+
+
+def read_inputs(image_uri: str, label_uri: str | None = None, *, max_pixels: int,
+                label_name: str = "labels") -> tuple[np.ndarray, np.ndarray | None]:
+    """The image at ``image_uri`` (:func:`decode_image`) and, with ``label_uri``, the label PNG
+    there (class or instance ids), which must have the image's size. Raises one of
+    :data:`UNREADABLE`; a size mismatch is a ValueError naming both sizes and ``label_name``."""
+    image = decode_image(storage.read_bytes(str(image_uri)), max_pixels=max_pixels)
+    if label_uri is None:
+        return image, None
+    label = read_label(label_uri)
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"{label_name} {label.shape} do not match the image {image.shape[:2]}")
+    return image, label
+
+
+def read_label(uri: str) -> np.ndarray:
+    """A label PNG (class ids, or 16-bit instance ids) as an integer array."""
+    return codecs.decode_label_png(storage.read_bytes(str(uri)))
+
+
+def unreadable_reason(err: BaseException, what: str = "reading") -> str:
+    """Why an input could not be used, in words a user can act on (a quarantine reason)."""
+    if isinstance(err, ImageDecodeError):
+        return err.reason
+    if isinstance(err, FileNotFoundError):
+        return "image file not found"
+    return f"{what} failed ({type(err).__name__}: {err})"

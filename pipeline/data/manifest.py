@@ -130,7 +130,7 @@ def iter_manifest_records(uri: str, *, row_group: int | None = None) -> Iterator
             yield record if isinstance(record, dict) else {"_error": f"line {number} is not a JSON object"}
 
 
-def _row_from_record(record: dict[str, Any], base_dir: str) -> tuple[ManifestRow | None, str]:
+def row_from_record(record: dict[str, Any], base_dir: str) -> tuple[ManifestRow | None, str]:
     """A ManifestRow, or (None, reason) for a row that cannot be one."""
     if "_error" in record:
         return None, f"malformed manifest row: {record['_error']}"
@@ -172,7 +172,7 @@ def validate_records(records: Iterable[dict[str, Any]], base_dir: str, classes: 
     quarantine: list[QuarantineRecord] = []
     first_seen: dict[str, int] = {}
     for number, record in enumerate(records, start=1):
-        row, reason = _row_from_record(record, base_dir)
+        row, reason = row_from_record(record, base_dir)
         if row is not None and row.image_id in first_seen:
             row, reason = None, f"duplicate image_id (first used by manifest row {first_seen[row.image_id]})"
         if row is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.data.classes import Vocabulary
 from pipeline.data.manifest import ManifestRow, rows_to_table
 from pipeline.io import codecs, storage
 
@@ -221,7 +222,7 @@ def write_synthetic_set(out: str, *, num_images: int, seed: int = 0, num_classes
         storage.write_bytes(storage.join(out, "gt", "instance", f"{image_id}.png"),
                             codecs.encode_instance_png(sample.instance))
         if cam_like:
-            class_ids = [classes.index(name) + 1 for name in sample.labels]
+            class_ids = [Vocabulary(classes).id(name) for name in sample.labels]
             maps = cam_like_maps(sample.semantic, sample.instance, class_ids, rng=np.random.default_rng([seed, index, 1]))
             buf = io.BytesIO()
             np.savez(buf, cams=maps.astype(np.float16), class_ids=np.array(class_ids, np.int64))

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.io import storage
+
 
 def voc_palette() -> np.ndarray:
     """uint8 [256, 3]: the PASCAL VOC colour map (bit-interleaved class index)."""
@@ -106,16 +108,12 @@ def parquet_bytes_to_table(data: bytes) -> pa.Table:
 def write_parquet(uri: str, table: pa.Table, *, row_group_size: int | None = None) -> None:
     """Write ``table`` to ``uri`` atomically (see :mod:`pipeline.io.storage`). Small row groups
     (with rows sorted by a key) let filtered reads skip most of a large shard."""
-    from pipeline.io import storage
-
     storage.write_bytes(uri, table_to_parquet_bytes(table, row_group_size=row_group_size))
 
 
 def read_parquet(uri: str, *, filters=None) -> pa.Table:
     """A Parquet file; with ``filters`` (pyarrow DNF, e.g. [("image_id", "in", ids)]) only the
     matching rows, reading just the row groups whose statistics may hold them."""
-    from pipeline.io import storage
-
     if filters is None:
         return parquet_bytes_to_table(storage.read_bytes(uri))
     with storage.open_input(uri) as f:
@@ -127,8 +125,6 @@ def read_parquet_columns(uri: str, columns: list[str], *, missing_ok: bool = Fal
 
     With ``missing_ok``, columns the file does not have (an older shard) are left out.
     """
-    from pipeline.io import storage
-
     with storage.open_input(uri) as f:
         parquet = pq.ParquetFile(f)
         if missing_ok:

@@ -20,9 +20,29 @@ def manifest_dir(root: str, stamp: str) -> str:
     return join(root, "manifest", stamp)
 
 
+def unreadable_file(manifest_dir: str) -> str:
+    """The manifest's images that do not decode (QUARANTINE_SCHEMA rows), written by the probe."""
+    return join(manifest_dir, "unreadable.parquet")
+
+
+def probe_dir(root: str) -> str:
+    """Probe rows (ledger.PROBE_SCHEMA) of the images that decoded."""
+    return join(root, "probe")
+
+
+def run_log(root: str) -> str:
+    """Everything a command-line job logged, Ray's lines included (jobs._console)."""
+    return join(root, "run.log")
+
+
+def models_dir(root: str) -> str:
+    """Exported networks and the Ray Train runs (checkpoints) that made them."""
+    return join(root, "models")
+
+
 def model_file(root: str, network: str) -> str:
     """Exported state dict of ``network`` ('cam' or 'irn'); metadata beside it as ``.json``."""
-    return join(root, "models", network, "model.pt")
+    return join(models_dir(root), network, "model.pt")
 
 
 def cams_dir(root: str) -> str:
@@ -78,7 +98,37 @@ def report_dir(root: str) -> str:
     return join(root, "report")
 
 
+def report_file(root: str) -> str:
+    return join(root, "report", "index.html")
+
+
+def tune_file(root: str) -> str:
+    """The threshold sweep of ``jobs.tune``."""
+    return join(root, "report", "tune.json")
+
+
+def metrics_file(root: str) -> str:
+    """The evaluation of the latest version against ground truth, with the segmenters' results
+    (written by :func:`pipeline.ledger.update_metrics` only)."""
+    return join(root, "report", "metrics.json")
+
+
+def ablation_dir(root: str, method: str, key: str) -> str:
+    """Labels of the ground-truth images by an ablation ``method`` (cam, cam_boundary), for evaluation."""
+    return join(root, "report", "ablations", f"{method}-{key}")
+
+
+def segmenter_results_dir(root: str) -> str:
+    """``<model>-<labels>.json``: one downstream segmenter's metrics on the held-out images."""
+    return join(root, "report", "segmenters")
+
+
 def part_name(image_ids: list[str], prefix: str = "part") -> str:
     """Deterministic shard name for a batch: a retried batch overwrites its own shard."""
     digest = hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
     return f"{prefix}-{digest}.parquet"
+
+
+def segmenter_model_file(root: str, model: str, labels: str) -> str:
+    """A downstream segmenter (``model`` trained on ``labels``: pseudo or ground_truth)."""
+    return join(models_dir(root), f"{model}-{labels}", "model.pt")

@@ -21,7 +21,6 @@ from typing import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-
 _IO_LOG = os.environ.get("IRN_IO_LOG")  # benchmarks: every read, write and listing, one line each
 
 

@@ -5,9 +5,10 @@
 * ``maskrcnn``: ``maskrcnn_resnet50_fpn`` (ResNet-50-FPN), the paper's Mask R-CNN.
 
 ``depth=18`` builds the same heads on a ResNet-18 body for small runs: Mask R-CNN through
-torchvision's FPN extractor, with the FPN and the mask head at half width (128 channels); DeepLab's ASPP head on a ResNet-18 at output stride 8 (the stride of
-layer3 and layer4 set to 1: torchvision's BasicBlock has no dilation, so the receptive field is
-smaller than ResNet-50's dilated one).
+torchvision's FPN extractor, with the FPN and the mask head at half width (128 channels);
+DeepLab's ASPP head on a ResNet-18 at output stride 8 (the stride of layer3 and layer4 set to 1:
+torchvision's BasicBlock has no dilation, so the receptive field is smaller than ResNet-50's
+dilated one).
 
 Backbones start from ImageNet (``imagenet``, where torchvision can download it), a ResNet state
 dict file of the same depth (e.g. the run's CAM network: ``segmenter.backbone_init: cam``), or
@@ -24,13 +25,13 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.models.backbone import extract_backbone_state, load_state_dict_file
+
 MODELS = ("deeplab", "maskrcnn")
 DEPTHS = (18, 50)
 
 
 def _backbone_state(source: str | BinaryIO) -> dict[str, torch.Tensor]:
-    from pipeline.models.backbone import extract_backbone_state, load_state_dict_file
-
     return extract_backbone_state(load_state_dict_file(source))
 
 

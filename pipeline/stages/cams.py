@@ -18,17 +18,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import ledger
+from pipeline import ledger, plan, tasks
 from pipeline.algorithms.cams import make_cams
 from pipeline.algorithms.relations import mine_relations
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.images import read_inputs, unreadable_reason
 from pipeline.data.source_cams import SourceCamError, fit_source_cams, read_source_cams
 from pipeline.data.transforms import normalize, resize_image, scaled_size
 from pipeline.io import codecs, layout, storage
+from pipeline.models.store import load_trained
 from pipeline.progress import StageProgress
-from pipeline.stages import common, plan
-from pipeline.train.common import load_trained
 
 log = logging.getLogger(__name__)
 STAGE = "cams"
@@ -37,15 +36,6 @@ ROW_GROUP = 64  # rows per Parquet row group of a CAM shard: synthesis reads a f
 
 def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def failure(err: Exception, what: str) -> str:
-    """A quarantine reason a user can act on."""
-    if isinstance(err, ImageDecodeError):
-        return err.reason
-    if isinstance(err, FileNotFoundError):
-        return "image file not found"
-    return f"{what} failed ({type(err).__name__}: {err})"
 
 
 def scaled_inputs(image: np.ndarray, scales: list[float]) -> list[np.ndarray]:
@@ -61,16 +51,16 @@ def decode_for_cams(batch: dict[str, np.ndarray], *, scales: list[float], max_pi
     for image_id, uri in zip(batch["image_id"], batch["uri"]):
         image, scaled, error = np.zeros((0, 0, 3), np.uint8), [_EMPTY] * len(scales), ""
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            image, _ = read_inputs(uri, max_pixels=max_pixels)
             scaled = scaled_inputs(image, scales)
         except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
-            error = failure(err, "decoding")
+            error = unreadable_reason(err, "decoding")
         images.append(image)
         for s, x in enumerate(scaled):
             inputs[s].append(x)
         errors.append(error)
-    return {**batch, "image": common.object_array(images), "error": np.array(errors, dtype=object),
-            **{f"input_{s}": common.object_array(x) for s, x in enumerate(inputs)}}
+    return {**batch, "image": tasks.object_array(images), "error": np.array(errors, dtype=object),
+            **{f"input_{s}": tasks.object_array(x) for s, x in enumerate(inputs)}}
 
 
 @torch.no_grad()
@@ -128,10 +118,10 @@ class CamNetwork:
         except Exception as err:  # noqa: BLE001
             log.exception("CAM network failed on a batch")
             for i in ok:
-                errors[i] = failure(err, "CAM inference")
+                errors[i] = unreadable_reason(err, "CAM inference")
         out = {k: v for k, v in batch.items() if not k.startswith("input_")}
         return {**out, "error": np.array(errors, dtype=object),
-                **{f"maps_{s}": common.object_array(m) for s, m in enumerate(maps)}}
+                **{f"maps_{s}": tasks.object_array(m) for s, m in enumerate(maps)}}
 
 
 def decode_with_source_cams(batch: dict[str, np.ndarray], *, source: str, num_classes: int,
@@ -142,7 +132,7 @@ def decode_with_source_cams(batch: dict[str, np.ndarray], *, source: str, num_cl
     for image_id, uri, class_ids in zip(batch["image_id"], batch["uri"], batch["class_ids"]):
         image, low, high, error = np.zeros((0, 0, 3), np.uint8), _EMPTY, _EMPTY, ""
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            image, _ = read_inputs(uri, max_pixels=max_pixels)
             try:
                 data = storage.read_bytes(storage.join(source, f"{image_id}.npz"))
             except FileNotFoundError:
@@ -152,13 +142,13 @@ def decode_with_source_cams(batch: dict[str, np.ndarray], *, source: str, num_cl
         except SourceCamError as err:
             error = err.reason
         except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
-            error = failure(err, "decoding")
+            error = unreadable_reason(err, "decoding")
         images.append(image)
         stride4.append(low)
         high_res.append(high)
         errors.append(error)
-    return {**batch, "image": common.object_array(images), "stride4": common.object_array(stride4),
-            "high_res": common.object_array(high_res), "error": np.array(errors, dtype=object)}
+    return {**batch, "image": tasks.object_array(images), "stride4": tasks.object_array(stride4),
+            "high_res": tasks.object_array(high_res), "error": np.array(errors, dtype=object)}
 
 
 def mine_and_write(batch: dict[str, np.ndarray], *, root: str, relation_params: dict[str, float],
@@ -182,7 +172,7 @@ def mine_and_write(batch: dict[str, np.ndarray], *, root: str, relation_params: 
                 storage.write_bytes(layout.relation_png(root, str(image_id)), codecs.encode_semantic_png(relations))
             except Exception as err:  # noqa: BLE001
                 log.exception("relation mining failed for %s", image_id)
-                error = failure(err, "relation mining")
+                error = unreadable_reason(err, "relation mining")
         cams.append(low.astype(np.float16))
         high_res.append(high if keep_high_res and not error else _EMPTY)
         heights.append(image.shape[0])
@@ -190,7 +180,7 @@ def mine_and_write(batch: dict[str, np.ndarray], *, root: str, relation_params: 
         errors.append(error)
     return {"image_id": batch["image_id"], "uri": batch["uri"], "class_ids": batch["class_ids"],
             "cam_key": batch["cam_key"], "height": np.array(heights, np.int32), "width": np.array(widths, np.int32),
-            "cams": common.object_array(cams), "high_res": common.object_array(high_res),
+            "cams": tasks.object_array(cams), "high_res": tasks.object_array(high_res),
             "error": np.array(errors, dtype=object)}
 
 
@@ -221,7 +211,7 @@ def write_shard(batch: dict[str, np.ndarray], *, root: str, keep_high_res: bool)
             **codecs.array_columns("cams", [batch["cams"][i] for i in ok], np.float16),
         })
         codecs.write_parquet(storage.join(layout.cams_dir(root), name), table, row_group_size=ROW_GROUP)
-    return common.status_batch(["done" if not e else "quarantined" for e in batch["error"]])
+    return tasks.status_batch(["done" if not e else "quarantined" for e in batch["error"]])
 
 
 def relation_params(cfg: Config) -> dict[str, float]:
@@ -235,18 +225,18 @@ def run_cams(cfg: Config, manifest_dir: str, classes: list[str], cams_key: str) 
 
     root, section = cfg.run.root, cfg.cams
     t0 = time.perf_counter()
-    pending_ref, counts_ref = common.run_task(plan.cams_plan, root, manifest_dir, classes, cams_key,
+    pending_ref, counts_ref = tasks.run_task(plan.cams_plan, root, manifest_dir, classes, cams_key,
                                               num_returns=2, num_cpus=cfg.run.io_cpus)
-    counts = {**common.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
+    counts = {**tasks.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
     if counts["pending"] == 0:
         return {**counts, "_skipped": True}
     block = min(max(8, section.batch_size), cfg.run.shard_rows)
     if section.source:
-        ds = common.dataset(pending_ref, block).map_batches(
+        ds = tasks.dataset(pending_ref, block).map_batches(
             decode_with_source_cams, batch_size=block, batch_format="numpy", num_cpus=cfg.run.io_cpus,
             fn_kwargs={"source": section.source, "num_classes": len(classes), "max_pixels": cfg.data.max_pixels})
     else:
-        ds = common.dataset(pending_ref, block).map_batches(
+        ds = tasks.dataset(pending_ref, block).map_batches(
             decode_for_cams, batch_size=block, batch_format="numpy", num_cpus=cfg.run.io_cpus,
             fn_kwargs={"scales": section.scales, "max_pixels": cfg.data.max_pixels},
         ).map_batches(
@@ -260,11 +250,11 @@ def run_cams(cfg: Config, manifest_dir: str, classes: list[str], cams_key: str) 
         compute=ray.data.TaskPoolStrategy(size=cfg.relations.max_tasks),
         fn_kwargs={"root": root, "relation_params": relation_params(cfg), "keep_high_res": section.keep_high_res},
     ).map_batches(
-        write_shard, batch_size=common.shard_batch(cfg.run.shard_rows, block), batch_format="numpy",
+        write_shard, batch_size=tasks.shard_batch(cfg.run.shard_rows, block), batch_format="numpy",
         num_cpus=cfg.run.io_cpus, fn_kwargs={"root": root, "keep_high_res": section.keep_high_res})
     progress = StageProgress(STAGE, counts["pending"], every_seconds=cfg.run.progress_seconds)
-    counts.update(common.summarise(ds, progress))
-    common.finish_stage(layout.cams_dir(root), layout.relations_dir(root), layout.high_res_cams_dir(root),
+    counts.update(tasks.summarise(ds, progress))
+    tasks.finish_stage(layout.cams_dir(root), layout.relations_dir(root), layout.high_res_cams_dir(root),
                         layout.quarantine_dir(root))
     return counts
 
@@ -277,3 +267,13 @@ def read_cam_rows(uri: str, image_ids: list[str] | None = None) -> list[dict[str
     for i, row in enumerate(rows):
         row["cams"] = codecs.read_array(table, "cams", i).astype(np.float32)
     return rows
+
+
+def stage_cams(run: ledger.Run) -> dict[str, Any]:
+    """CAMs and relations of the images without a CAM row of the current key (all of them when
+    the key changed or ``--from-stage`` forces the stage: the old outputs are discarded first)."""
+    key, root = run.cams_key(), run.root
+    ledger.claim_stage_outputs(run.state, "cams", key,
+                               [layout.cams_dir(root), layout.relations_dir(root), layout.high_res_cams_dir(root)],
+                               forced=run.forced("cams"))
+    return run_cams(run.cfg, run.manifest_dir, run.classes, key)

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import ledger
+from pipeline.data.classes import Vocabulary
 from pipeline.io import layout, storage
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,9 @@ def write_coco(labels_dir: str, classes: list[str], index: pa.Table | None = Non
                 out.write(",\n" if annotations > 1 else "\n")
                 out.write(f'{{"id": {annotations}, "image_id": {number}, {body[1:]}')
         out.write('\n],\n"categories": [')
-        for class_id, name in enumerate(classes, start=1):
-            out.write(",\n" if class_id > 1 else "\n")
-            out.write(json.dumps({"id": class_id, "name": name, "supercategory": "object"}))
+        for category in Vocabulary(classes).categories():
+            out.write(",\n" if category["id"] > 1 else "\n")
+            out.write(json.dumps(category))
         out.write("\n]}\n")
     log.info("wrote %s: %d images, %d annotations", out_uri, len(rows), annotations)
     return {"uri": out_uri, "num_images": len(rows), "num_annotations": annotations, "num_categories": len(classes),

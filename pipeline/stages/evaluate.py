@@ -16,11 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
-from pipeline import ledger
+from pipeline import ledger, plan, tasks
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
+from pipeline.data.classes import Vocabulary
+from pipeline.data.images import read_label
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
-from pipeline.stages import common, plan
+from pipeline.stages.synthesis import run_synthesis
 
 log = logging.getLogger(__name__)
 GT_COLUMNS = ["image_id", "gt_semantic_uri", "gt_instance_uri", "gt_instance_classes"]
@@ -66,13 +68,13 @@ def decode_instances(rows: list[dict[str, Any]], size: tuple[int, int]) -> tuple
 
 def gt_instances(ids: np.ndarray, instance_classes: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth masks bool [M, H, W] and class ids [M] (instance id i has class i-1 in the list)."""
-    index = {name: i + 1 for i, name in enumerate(classes)}
+    vocabulary = Vocabulary(classes)
     masks, class_ids = [], []
     for instance_id, name in enumerate(instance_classes, start=1):
         mask = ids == instance_id
-        if mask.any() and name in index:
+        if mask.any() and vocabulary.get(name) is not None:
             masks.append(mask)
-            class_ids.append(index[name])
+            class_ids.append(vocabulary.id(name))
     if not masks:
         return np.zeros((0,) + ids.shape, bool), np.zeros(0, np.int64)
     return np.stack(masks), np.array(class_ids)
@@ -90,10 +92,10 @@ def score_shard(batch: dict[str, np.ndarray], *, labels_dir: str, classes: list[
             predicted.setdefault(row["image_id"], []).append(row)
         out: dict[str, list] = {"status": [], "confusion": [], "ap_records": []}
         for image_id, semantic_uri, sem_uri, ins_uri, names in zip(ids, semantic_uris, gt_semantic, gt_instance, gt_classes):
-            pred = codecs.decode_label_png(storage.read_bytes(storage.resolve(str(semantic_uri), labels_dir)))
+            pred = read_label(storage.resolve(str(semantic_uri), labels_dir))
             matrix, records, status = None, None, "scored"
             if sem_uri:
-                gt = codecs.decode_label_png(storage.read_bytes(str(sem_uri)))
+                gt = read_label(str(sem_uri))
                 if gt.shape != pred.shape:
                     log.warning("%s: ground truth %s and labels %s differ in size; skipped", image_id, gt.shape,
                                 pred.shape)
@@ -101,14 +103,14 @@ def score_shard(batch: dict[str, np.ndarray], *, labels_dir: str, classes: list[
                 else:
                     matrix = confusion(pred, gt, len(classes) + 1)
             if ins_uri and status == "scored":
-                gt_ids = codecs.decode_label_png(storage.read_bytes(str(ins_uri)))
+                gt_ids = read_label(str(ins_uri))
                 rows = sorted(predicted.get(str(image_id), []), key=lambda r: r["instance_id"])
                 records = image_records(*decode_instances(rows, pred.shape), *gt_instances(gt_ids, list(names), classes),
                                         iou_thresholds=thresholds)
             out["status"].append(status)
             out["confusion"].append(np.zeros((0, 0), np.int64) if matrix is None else matrix)
             out["ap_records"].append("" if records is None else json.dumps(records))
-        yield {"status": np.array(out["status"], dtype=object), "confusion": common.object_array(out["confusion"]),
+        yield {"status": np.array(out["status"], dtype=object), "confusion": tasks.object_array(out["confusion"]),
                "ap_records": np.array(out["ap_records"], dtype=object)}
 
 
@@ -116,14 +118,14 @@ def evaluate_labels(cfg, manifest_dir: str, labels_dir: str, classes: list[str],
                     ) -> dict[str, Any]:
     """mIoU and mask AP of the labels in ``labels_dir`` on the manifest rows that have ground truth."""
     thresholds = list(cfg.eval.iou_thresholds)
-    grouped_ref, counts_ref = common.run_task(evaluation_plan, manifest_dir, labels_dir, num_returns=2,
+    grouped_ref, counts_ref = tasks.run_task(evaluation_plan, manifest_dir, labels_dir, num_returns=2,
                                               num_cpus=cfg.run.io_cpus)
-    counts = common.get(counts_ref)
+    counts = tasks.get(counts_ref)
     matrix = np.zeros((len(classes) + 1, len(classes) + 1), np.int64)
     ap = MaskAPAccumulator(iou_thresholds=thresholds)
     semantic_images = instance_images = 0
     if counts["labelled"]:
-        ds = common.dataset(grouped_ref, 1).map_batches(
+        ds = tasks.dataset(grouped_ref, 1).map_batches(
             score_shard, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_kwargs={"labels_dir": labels_dir, "classes": classes, "thresholds": thresholds})
         progress = StageProgress(name, counts["labelled"], every_seconds=cfg.run.progress_seconds)
@@ -149,5 +151,31 @@ def evaluate_labels(cfg, manifest_dir: str, labels_dir: str, classes: list[str],
     }
 
 
-def metrics_uri(root: str) -> str:
-    return storage.join(layout.report_dir(root), "metrics.json")
+def stage_evaluate(run: ledger.Run) -> dict[str, Any]:
+    manifest = run.state.data["manifest"]
+    version = ledger.latest_version(run.root)
+    if not manifest["ground_truth"] or version is None:
+        return {"_skipped": True, "reason": "no ground truth" if not manifest["ground_truth"] else "no labels"}
+    cfg = run.cfg
+    key = ledger.evaluation_key(version, cfg.eval, manifest["ground_truth_digest"])
+    if ledger.is_current(run.state, "evaluate", key, layout.metrics_file(run.root), forced=run.forced("evaluate")):
+        return {"_skipped": True, "version": version}
+    result = {"labels_version": version,
+              "irnet": evaluate_labels(cfg, run.manifest_dir, layout.labels_dir(run.root, version), run.classes),
+              "ablations": {}}
+    if cfg.eval.ablations:
+        for method in ("cam", "cam_boundary"):
+            key_m = run.synthesis_key(method)
+            directory = layout.ablation_dir(run.root, method, key_m)
+            run_synthesis(cfg, run.manifest_dir, run.classes, run.recorded_cams_key(), key_m, directory, None,
+                          method=method, stage=f"ablation_{method}", ground_truth_only=True)
+            tasks.get(tasks.run_task(plan.build_index, run.root, run.manifest_dir, run.classes,
+                                       run.recorded_cams_key(), key_m, directory, None, None,
+                                       stage=f"ablation_{method}", ground_truth_only=True, num_cpus=cfg.run.io_cpus))
+            result["ablations"][method] = evaluate_labels(cfg, run.manifest_dir, directory, run.classes,
+                                                          name=f"evaluate {method}")
+    result["cam_classification"] = run.state.stage("train_cam").get("held_out")
+    ledger.update_metrics(run.root, **result, segmenters=ledger.segmenter_results(run.root))
+    run.state.update_stage("evaluate", key=key)
+    full = result["irnet"]
+    return {"miou": full["miou"], **{f"ap{t}": v for t, v in full["ap"].items()}}

@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline import ledger
+from pipeline import ledger, tasks
+from pipeline.algorithms.polygons import mask_to_polygons
 from pipeline.io import codecs, layout, storage
 from pipeline.progress import StageProgress
-from pipeline.stages import common
-from pipeline.stages.coco import image_file_name
+from pipeline.stages.coco import image_file_name, write_coco
 
 log = logging.getLogger(__name__)
 FORMATS = ("voc", "coco", "yolo")
@@ -53,7 +53,7 @@ def export_rows(batch: dict[str, np.ndarray], *, labels_dir: str, out: str, fmt:
             folder = "JPEGImages" if fmt == "voc" else "images"  # coco, yolo
             storage.copy(str(uri), storage.join(out, folder, image_file_name(image_id, str(uri))))
         statuses.append("exported")
-    return common.status_batch(statuses)
+    return tasks.status_batch(statuses)
 
 
 def yolo_lines(instances: list[dict], height: int, width: int, *, tolerance: float = 0.5) -> str:
@@ -62,8 +62,6 @@ def yolo_lines(instances: list[dict], height: int, width: int, *, tolerance: flo
     image's width/height (pixel edges; holes are kept by a zero-width cut, see
     pipeline.algorithms.polygons)."""
     from pycocotools import mask as mask_utils
-
-    from pipeline.algorithms.polygons import mask_to_polygons
 
     lines = []
     for row in sorted(instances, key=lambda r: r["instance_id"]):
@@ -87,7 +85,7 @@ def export_yolo_shard(batch: dict[str, np.ndarray], *, labels_dir: str, out: str
             storage.write_text(storage.join(out, "labels", f"{image_id}.txt"),
                                yolo_lines(by_image.get(str(image_id), []), int(height), int(width)))
             statuses.append("exported")
-    return common.status_batch(statuses)
+    return tasks.status_batch(statuses)
 
 
 def _index_columns(labels_dir: str) -> tuple[pa.Table, int]:
@@ -103,32 +101,30 @@ def _yolo_groups(labels_dir: str) -> pa.Table:
 def export_version(root: str, version: str, out: str, *, fmt: str, classes: list[str], with_images: bool = False,
                    io_cpus: float = 0.25) -> dict[str, Any]:
     """Write labels version ``version`` of ``root`` to the folder ``out`` in format ``fmt``."""
-    from pipeline.stages.coco import write_coco
-
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
     labels_dir = layout.labels_dir(root, version)
     if not storage.exists(layout.index_file(labels_dir)):
         raise FileNotFoundError(f"labels version {version!r} has no index in {root} (not published?)")
-    rows_ref, count_ref = common.run_task(_index_columns, labels_dir, num_returns=2, num_cpus=io_cpus)
-    total = common.get(count_ref)
+    rows_ref, count_ref = tasks.run_task(_index_columns, labels_dir, num_returns=2, num_cpus=io_cpus)
+    total = tasks.get(count_ref)
     if fmt == "voc" or with_images:
-        ds = common.dataset(rows_ref, 64).map_batches(
+        ds = tasks.dataset(rows_ref, 64).map_batches(
             export_rows, batch_size=64, batch_format="numpy", num_cpus=io_cpus,
             fn_kwargs={"labels_dir": labels_dir, "out": out, "fmt": fmt, "with_images": with_images})
-        common.summarise(ds, StageProgress(f"export {fmt}", total))
+        tasks.summarise(ds, StageProgress(f"export {fmt}", total))
     if fmt == "voc":
-        common.get(common.run_task(_write_image_set, rows_ref, out, num_cpus=io_cpus))
+        tasks.get(tasks.run_task(_write_image_set, rows_ref, out, num_cpus=io_cpus))
     if fmt == "yolo":
-        ds = common.dataset(common.run_task(_yolo_groups, labels_dir, num_cpus=io_cpus), 1).map_batches(
+        ds = tasks.dataset(tasks.run_task(_yolo_groups, labels_dir, num_cpus=io_cpus), 1).map_batches(
             export_yolo_shard, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_kwargs={"labels_dir": labels_dir, "out": out})
-        common.summarise(ds, StageProgress("export yolo labels", total))
+        tasks.summarise(ds, StageProgress("export yolo labels", total))
         storage.write_text(storage.join(out, "data.yaml"), yaml.safe_dump(
             {"path": out, "train": "images", "val": "images", "names": dict(enumerate(classes))}, sort_keys=False))
         return {"images": total, "annotations": None, "out": out, "format": fmt}
     names = "id+ext" if with_images else "id"
-    coco = common.get(common.run_task(write_coco, labels_dir, classes, out_uri=storage.join(out, "coco.json"),
+    coco = tasks.get(tasks.run_task(write_coco, labels_dir, classes, out_uri=storage.join(out, "coco.json"),
                                       file_names=names, num_cpus=io_cpus))
     return {"images": total, "annotations": coco["num_annotations"], "out": out, "format": fmt}
 
@@ -188,7 +184,7 @@ def retain(state: ledger.RunState, root: str, keep: int, *, io_cpus: float = 0.2
     doomed = [v for v in on_disk if v not in kept and v != pending]
     removed = {}
     for version in doomed:
-        removed[version] = common.get(common.run_task(delete_unreferenced, root, version, kept, num_cpus=io_cpus))
+        removed[version] = tasks.get(tasks.run_task(delete_unreferenced, root, version, kept, num_cpus=io_cpus))
         state.labels["versions"].pop(version, None)
         state.save()
     return {"kept": kept, "removed_files": removed}

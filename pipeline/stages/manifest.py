@@ -17,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import ledger
+from pipeline import ledger, tasks
 from pipeline.config import Config
-from pipeline.data.manifest import MANIFEST_SCHEMA, _row_from_record, iter_manifest_records, manifest_format
+from pipeline.data.manifest import MANIFEST_SCHEMA, row_from_record, iter_manifest_records, manifest_format
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
-from pipeline.stages import common
 
 CHECKED_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [pa.field("row", pa.int64()), pa.field("error", pa.string())])
 VALID_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [pa.field("row", pa.int64()), pa.field("held_out", pa.bool_())])
@@ -49,7 +48,7 @@ def check_rows(records, first_row: int, base_dir: str, classes: list[str]) -> li
     known = set(classes)
     out = []
     for number, record in enumerate(records, start=first_row + 1):
-        row, reason = _row_from_record(record, base_dir)
+        row, reason = row_from_record(record, base_dir)
         if row is not None and known:
             unknown = sorted((set(row.labels) | set(row.gt_instance_classes)) - known)
             if unknown:
@@ -80,7 +79,7 @@ def check_chunk(batch: dict[str, np.ndarray], *, out_dir: str, classes: list[str
             name = f"part-{max(group, 0):06d}-{part:04d}.parquet"
             codecs.write_parquet(storage.join(out_dir, "checked", name), pa.Table.from_pylist(rows, schema=CHECKED_SCHEMA))
             part += 1
-    return common.status_batch(["checked"] * len(batch["uri"]))
+    return tasks.status_batch(["checked"] * len(batch["uri"]))
 
 
 def held_out(table: pa.Table, *, by_split: bool, fraction: float) -> pa.Array:
@@ -153,15 +152,15 @@ def ingest_manifest(cfg: Config, stamp: str) -> dict[str, Any]:
     items = manifest_items(cfg.data.manifest)
     check = {"out_dir": out_dir, "classes": cfg.data.classes}
     if len(items) == 1:  # one file or row group: one task, without a dataset's start-up cost
-        common.get(common.run_task(check_chunk, {k: [v] for k, v in items[0].items()}, num_cpus=cfg.run.io_cpus,
+        tasks.get(tasks.run_task(check_chunk, {k: [v] for k, v in items[0].items()}, num_cpus=cfg.run.io_cpus,
                                    **check))
     else:
         ds = ray.data.from_items(items).map_batches(check_chunk, batch_size=1, batch_format="numpy",
                                                     num_cpus=cfg.run.io_cpus, fn_kwargs=check)
-        common.summarise(ds, StageProgress("manifest", len(items), unit="parts",
+        tasks.summarise(ds, StageProgress("manifest", len(items), unit="parts",
                                            every_seconds=cfg.run.progress_seconds))
     quarantine_uri = storage.join(layout.quarantine_dir(root), "manifest.parquet")
-    summary = common.get(common.run_task(finish_manifest, out_dir, quarantine_uri, list(cfg.data.classes),
+    summary = tasks.get(tasks.run_task(finish_manifest, out_dir, quarantine_uri, list(cfg.data.classes),
                                          cfg.data.held_out_fraction, num_cpus=cfg.run.io_cpus))
     # Manifests of earlier runs are superseded by this one.
     for old in storage.list_dirs(layout.manifest_root(root)):

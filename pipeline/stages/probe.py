@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import ledger
+from pipeline import ledger, plan, tasks
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.images import ImageDecodeError, read_inputs
 from pipeline.io import codecs, layout, storage
 from pipeline.progress import StageProgress
-from pipeline.stages import common, plan
 
 log = logging.getLogger(__name__)
 STAGE = "probe"
@@ -32,7 +31,7 @@ STAGE = "probe"
 
 def probe_outputs(root: str) -> list[str]:
     """Everything the probe wrote in ``root``: what a forced probe or a new key discards."""
-    return [plan.probe_dir(root), *ledger.quarantine_files(root, STAGE)]
+    return [layout.probe_dir(root), *ledger.quarantine_files(root, STAGE)]
 
 
 def probe_batch(batch: pa.Table, *, root: str, key: str, max_pixels: int) -> dict[str, np.ndarray]:
@@ -43,7 +42,7 @@ def probe_batch(batch: pa.Table, *, root: str, key: str, max_pixels: int) -> dic
     for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
         row = {"image_id": image_id, "uri": uri, "key": key}
         try:
-            decode_image(storage.read_bytes(uri), max_pixels=max_pixels)
+            read_inputs(uri, max_pixels=max_pixels)
             decoded.append(row)
             statuses.append("decoded")
         except (ImageDecodeError, FileNotFoundError) as err:
@@ -56,32 +55,32 @@ def probe_batch(batch: pa.Table, *, root: str, key: str, max_pixels: int) -> dic
     ledger.write_quarantine(root, STAGE, failed)
     if decoded:
         name = layout.part_name([f"{r['image_id']}\0{r['uri']}\0{key}" for r in decoded])
-        codecs.write_parquet(storage.join(plan.probe_dir(root), name),
+        codecs.write_parquet(storage.join(layout.probe_dir(root), name),
                              pa.Table.from_pylist(decoded, schema=ledger.PROBE_SCHEMA))
-    return common.status_batch(statuses)
+    return tasks.status_batch(statuses)
 
 
 def run_probe(cfg: Config, manifest_dir: str, key: str) -> dict[str, Any]:
     """Probe the images of the run's manifest that no earlier run probed; record the unreadable."""
     root = cfg.run.root
     t0 = time.perf_counter()
-    pending_ref, counts_ref = common.run_task(plan.probe_plan, root, manifest_dir, key, num_returns=2,
+    pending_ref, counts_ref = tasks.run_task(plan.probe_plan, root, manifest_dir, key, num_returns=2,
                                               num_cpus=cfg.run.io_cpus)
-    counts = {**common.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
+    counts = {**tasks.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
     pending = counts["pending"]
     probe = {"root": root, "key": key, "max_pixels": cfg.data.max_pixels}
     # Blocks of at most run.shard_rows images, at least ~32 of them when there are many.
     block = min(cfg.run.shard_rows, max(16, -(-pending // 32)))
     if pending > block:
-        ds = common.dataset(pending_ref, block).map_batches(
+        ds = tasks.dataset(pending_ref, block).map_batches(
             probe_batch, batch_size=block, batch_format="pyarrow", num_cpus=cfg.run.io_cpus, fn_kwargs=probe)
-        counts.update(common.summarise(ds, StageProgress(STAGE, pending, every_seconds=cfg.run.progress_seconds)))
+        counts.update(tasks.summarise(ds, StageProgress(STAGE, pending, every_seconds=cfg.run.progress_seconds)))
     elif pending:
-        statuses = common.get(common.run_task(probe_batch, pending_ref, num_cpus=cfg.run.io_cpus, **probe))["status"]
+        statuses = tasks.get(tasks.run_task(probe_batch, pending_ref, num_cpus=cfg.run.io_cpus, **probe))["status"]
         for status in statuses:
             counts[str(status)] = counts.get(str(status), 0) + 1
-    common.finish_stage(plan.probe_dir(root), layout.quarantine_dir(root))
-    found = common.get(common.run_task(plan.record_unreadable, root, manifest_dir, key, pending_ref,
+    tasks.finish_stage(layout.probe_dir(root), layout.quarantine_dir(root))
+    found = tasks.get(tasks.run_task(plan.record_unreadable, root, manifest_dir, key, pending_ref,
                                        num_cpus=cfg.run.io_cpus))
     if found["new"]:
         listed = "\n".join(f"  {r['image_id']} ({r['uri']}): {r['reason']}" for r in found["shown"])
@@ -90,3 +89,9 @@ def run_probe(cfg: Config, manifest_dir: str, key: str) -> dict[str, Any]:
                     found["new"], STAGE, listed, more)
     counts["unreadable"] = found["unreadable"]
     return {**counts, "_skipped": True} if pending == 0 else counts
+
+
+def stage_probe(run: ledger.Run) -> dict[str, Any]:
+    key = ledger.probe_key(run.cfg)
+    ledger.claim_stage_outputs(run.state, STAGE, key, probe_outputs(run.root), forced=run.forced(STAGE))
+    return run_probe(run.cfg, run.manifest_dir, key)

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, mean_iou
-from pipeline.data.images import ImageDecodeError, decode_image
-from pipeline.data.transforms import normalize
+from pipeline.data.classes import Vocabulary
+from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
 from pipeline.data.segmentation import instance_masks
-from pipeline.io import codecs, storage
+from pipeline.data.transforms import normalize
+from pipeline.models.store import load_segmenter
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def _coco_ap(gt_images: list[dict], gt_annotations: list[dict], detections: list
         return {"coco_ap": 0.0, "coco_ap50": 0.0, "coco_ap75": 0.0}
     gt = COCO()
     gt.dataset = {"images": gt_images, "annotations": gt_annotations,
-                  "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}
+                  "categories": Vocabulary(classes).categories()}
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         evaluation = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), "segm")  # loadRes adds keys
@@ -78,8 +79,6 @@ def evaluate_segmenter(model_uri: str, rows: list[dict[str, Any]], classes: list
     and instance_uri of the ground truth, instance_classes JSON), on a GPU when the task has one,
     else with ``threads`` torch threads (the CPUs the task holds).
     An image whose files do not decode or whose ground truth differs in size is skipped and counted."""
-    from pipeline.train.segmenter import load_segmenter
-
     torch.set_num_threads(max(1, threads))  # a reused Ray worker keeps the thread count it started with
     net, meta = load_segmenter(model_uri)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,13 +89,10 @@ def evaluate_segmenter(model_uri: str, rows: list[dict[str, Any]], classes: list
     gt_images, gt_annotations, detections, skipped = [], [], [], []
     for number, row in enumerate(rows, start=1):
         try:
-            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=max_pixels)
-            gt = codecs.decode_label_png(storage.read_bytes(row["semantic_uri" if model == "deeplab" else "instance_uri"]))
-        except (ImageDecodeError, OSError, ValueError) as err:
-            skipped.append(f"{row['uri']}: {err}")
-            continue
-        if gt.shape != image.shape[:2]:
-            skipped.append(f"{row['uri']}: ground truth {gt.shape} differs from the image {image.shape[:2]}")
+            image, gt = read_inputs(row["uri"], row["semantic_uri" if model == "deeplab" else "instance_uri"],
+                                    max_pixels=max_pixels, label_name="ground truth")
+        except UNREADABLE as err:
+            skipped.append(f"{row['uri']}: {unreadable_reason(err)}")
             continue
         if model == "deeplab":
             pred = multiscale_flip_probs(net, image, scales, device).argmax(dim=0).cpu().numpy().astype(np.uint8)

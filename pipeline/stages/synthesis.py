@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline import ledger
+from pipeline import ledger, plan, tasks
 from pipeline.algorithms import synthesis as algo
 from pipeline.config import Config, SynthesisConfig
-from pipeline.data.images import decode_image
+from pipeline.data.images import read_inputs, unreadable_reason
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage
+from pipeline.models.store import load_trained
 from pipeline.progress import StageProgress
-from pipeline.stages import coco, common, plan
-from pipeline.stages.cams import failure, pick_device, read_cam_rows
-from pipeline.train.common import load_trained
+from pipeline.stages import coco
+from pipeline.stages.cams import pick_device, read_cam_rows
 
 log = logging.getLogger(__name__)
 STAGE = "synthesis"
@@ -101,8 +101,8 @@ def read_pending_cams(batch: dict[str, np.ndarray], *, root: str, block: int) ->
                    "label_key": np.array([wanted[r["image_id"]][1] for r in part], dtype=object),
                    "height": np.array([r["height"] for r in part], np.int32),
                    "width": np.array([r["width"] for r in part], np.int32),
-                   "class_ids": common.object_array([np.asarray(r["class_ids"], np.int32) for r in part]),
-                   "cams": common.object_array([r["cams"] for r in part])}
+                   "class_ids": tasks.object_array([np.asarray(r["class_ids"], np.int32) for r in part]),
+                   "cams": tasks.object_array([r["cams"] for r in part])}
 
 
 def padded_input(image: np.ndarray, pad_to: int) -> np.ndarray:
@@ -120,15 +120,15 @@ def decode_for_irn(batch: dict[str, np.ndarray], *, max_pixels: int, pad_to: int
     for uri, height, width in zip(batch["uri"], batch["height"], batch["width"]):
         x, error = _EMPTY, ""
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=max_pixels)
+            image, _ = read_inputs(uri, max_pixels=max_pixels)
             if image.shape[:2] != (int(height), int(width)):
                 raise ValueError(f"image is {image.shape[:2]} but its CAMs were made for {(int(height), int(width))}")
             x = padded_input(image, pad_to)
         except Exception as err:  # noqa: BLE001
-            error = f"synthesis failed ({failure(err, 'decoding')})"
+            error = f"synthesis failed ({unreadable_reason(err, 'decoding')})"
         inputs.append(x)
         errors.append(error)
-    return {**batch, "input": common.object_array(inputs), "error": np.array(errors, dtype=object)}
+    return {**batch, "input": tasks.object_array(inputs), "error": np.array(errors, dtype=object)}
 
 
 _EMPTY = np.zeros((0, 0, 0), np.float32)
@@ -163,9 +163,9 @@ class IrnNetwork:
             except Exception as err:  # noqa: BLE001
                 log.exception("IRNet failed on a batch")
                 for i in members:
-                    errors[i] = f"synthesis failed ({failure(err, 'IRNet inference')})"
+                    errors[i] = f"synthesis failed ({unreadable_reason(err, 'IRNet inference')})"
         out = {k: v for k, v in batch.items() if k != "input"}
-        return {**out, "boundary": common.object_array(boundary), "displacement": common.object_array(displacement),
+        return {**out, "boundary": tasks.object_array(boundary), "displacement": tasks.object_array(displacement),
                 "error": np.array(errors, dtype=object)}
 
 
@@ -194,7 +194,7 @@ def label_and_write(batch: dict[str, np.ndarray], *, labels_dir: str, method: st
                                 codecs.encode_instance_png(instance_id_map(masks, scores, size)))
         except Exception as err:  # noqa: BLE001 - one bad image must not fail the block
             log.exception("synthesis failed for %s", image_id)
-            errors[i] = f"synthesis failed ({failure(err, 'labelling')})"
+            errors[i] = f"synthesis failed ({unreadable_reason(err, 'labelling')})"
             continue
         foreground = (semantic != 0) & (semantic != 255)
         cam_area = float((cams.max(axis=0) > section.cam_bg_threshold).mean()) if len(cams) else 0.0
@@ -222,7 +222,7 @@ def commit_shard(batch: dict[str, np.ndarray], *, root: str, labels_dir: str, st
         statuses.append("done")
     ledger.write_quarantine(root, stage, failed)
     ledger.commit_labels(labels_dir, images, instances, coco.coco_part(instances))
-    return common.status_batch(statuses)
+    return tasks.status_batch(statuses)
 
 
 def run_synthesis(cfg: Config, manifest_dir: str, classes: list[str], cams_key: str, synthesis_key: str,
@@ -234,14 +234,14 @@ def run_synthesis(cfg: Config, manifest_dir: str, classes: list[str], cams_key: 
     root, section = cfg.run.root, cfg.synthesis
     method = method or section.method
     t0 = time.perf_counter()
-    pending_ref, counts_ref = common.run_task(
+    pending_ref, counts_ref = tasks.run_task(
         plan.synthesis_plan, root, manifest_dir, classes, cams_key, synthesis_key, labels_dir, base_dir,
         stage=stage, ground_truth_only=ground_truth_only, num_returns=2, num_cpus=cfg.run.io_cpus)
-    counts = {**common.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
+    counts = {**tasks.get(counts_ref), "plan_seconds": round(time.perf_counter() - t0, 2)}
     if counts["pending"] == 0:
         return counts
     block = min(max(8, section.batch_size), cfg.run.shard_rows)
-    ds = common.dataset(pending_ref, 1).map_batches(
+    ds = tasks.dataset(pending_ref, 1).map_batches(
         read_pending_cams, batch_size=1, batch_format="numpy", num_cpus=cfg.run.io_cpus,
         fn_kwargs={"root": root, "block": block})
     if method != "cam":
@@ -257,10 +257,24 @@ def run_synthesis(cfg: Config, manifest_dir: str, classes: list[str], cams_key: 
         label_and_write, batch_size=block, batch_format="numpy", num_cpus=section.cpus_per_task,
         fn_kwargs={"labels_dir": labels_dir, "method": method, "params": vars(section)},
     ).map_batches(
-        commit_shard, batch_size=common.shard_batch(cfg.run.shard_rows, block), batch_format="numpy",
+        commit_shard, batch_size=tasks.shard_batch(cfg.run.shard_rows, block), batch_format="numpy",
         num_cpus=cfg.run.io_cpus, fn_kwargs={"root": root, "labels_dir": labels_dir, "stage": stage})
     progress = StageProgress(stage, counts["pending"], every_seconds=cfg.run.progress_seconds)
-    counts.update(common.summarise(ds, progress))
-    common.finish_stage(*(storage.join(labels_dir, sub) for sub in ("semantic", "instance", "instances", "images")),
+    counts.update(tasks.summarise(ds, progress))
+    tasks.finish_stage(*(storage.join(labels_dir, sub) for sub in ("semantic", "instance", "instances", "images")),
                         layout.quarantine_dir(root))
     return counts
+
+
+def stage_synthesis(run: ledger.Run) -> dict[str, Any]:
+    """Label what the next labels version needs (ledger.begin_version / plan_synthesis)."""
+    key = run.synthesis_key()
+    pending = ledger.begin_version(run.state, run.root, key, forced=run.forced(STAGE))
+    ledger.record_pending(run.state, pending)
+    version, base = pending["name"], pending["base"]
+    base_dir = layout.labels_dir(run.root, base) if base else None
+    counts = run_synthesis(run.cfg, run.manifest_dir, run.classes, run.recorded_cams_key(), key,
+                           layout.labels_dir(run.root, version), base_dir)
+    if not ledger.version_needed(run.state, pending, labelled=counts["pending"], removed=counts["removed"]):
+        return {**counts, "_skipped": True, "version": base}
+    return {**counts, "version": version}

@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import ledger
+from pipeline import ledger, plan, tasks
 from pipeline.algorithms import synthesis as algo
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
-from pipeline.config import Config
-from pipeline.data.images import decode_image
-from pipeline.io import codecs, layout, storage, tables
+from pipeline.config import Config, from_dict
+from pipeline.data.images import read_inputs, read_label
+from pipeline.io import layout, storage, tables
+from pipeline.models.store import load_trained
 from pipeline.progress import StageProgress
-from pipeline.stages import common, plan
 from pipeline.stages.cams import read_cam_rows
 from pipeline.stages.evaluate import GT_COLUMNS, gt_instances, has_ground_truth
 from pipeline.stages.synthesis import grouping_args, padded_input
@@ -48,9 +48,6 @@ def tune_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str, m
 def score_sweep(batch: dict[str, np.ndarray], *, root: str, cfg: dict[str, Any], classes: list[str],
                 betas: list[float], thresholds: list[float]) -> Iterator[dict[str, Any]]:
     """Task per CAM shard: per image, the confusion matrix and AP records of every (beta, threshold)."""
-    from pipeline.config import from_dict
-    from pipeline.train.common import load_trained
-
     config = from_dict(cfg)
     section = config.synthesis
     net = load_trained(root, "irn")
@@ -61,15 +58,14 @@ def score_sweep(batch: dict[str, np.ndarray], *, root: str, cfg: dict[str, Any],
         out: dict[str, list] = {"status": [], "result": []}
         for info in images:
             row = rows[info["image_id"]]
-            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=config.data.max_pixels)
+            image, _ = read_inputs(row["uri"], max_pixels=config.data.max_pixels)
             size = image.shape[:2]
             (inference,) = net.infer_padded(torch.from_numpy(padded_input(image, config.train_irn.crop_size))[None],
                                             [size])
-            gt_semantic = codecs.decode_label_png(storage.read_bytes(info["gt_semantic_uri"])) \
-                if info["gt_semantic_uri"] else None
+            gt_semantic = read_label(info["gt_semantic_uri"]) if info["gt_semantic_uri"] else None
             gt_masks = gt_classes = None
             if info["gt_instance_uri"]:
-                gt_masks, gt_classes = gt_instances(codecs.decode_label_png(storage.read_bytes(info["gt_instance_uri"])),
+                gt_masks, gt_classes = gt_instances(read_label(info["gt_instance_uri"]),
                                                     info["gt_instance_classes"] or [], classes)
             result: dict[str, Any] = {}
             groups = algo.pixel_groups(inference.displacement, **grouping_args(section)) \
@@ -99,14 +95,14 @@ def tune(cfg: Config, state: dict[str, Any], *, max_images: int = 200, betas: li
     manifest = state["manifest"]
     manifest_dir = layout.manifest_dir(root, manifest["stamp"])
     classes = manifest["classes"]
-    grouped_ref, count_ref = common.run_task(tune_plan, root, manifest_dir, classes, state["stages"]["cams"]["key"],
+    grouped_ref, count_ref = tasks.run_task(tune_plan, root, manifest_dir, classes, state["stages"]["cams"]["key"],
                                              max_images, num_returns=2, num_cpus=cfg.run.io_cpus)
-    total = common.get(count_ref)
+    total = tasks.get(count_ref)
     if not total:
         raise ValueError("no image with ground truth and CAMs in this run root: nothing to tune on")
     matrices: dict[tuple[float, float], np.ndarray] = {}
     accumulators: dict[tuple[float, float], MaskAPAccumulator] = {}
-    ds = common.dataset(grouped_ref, 1).map_batches(
+    ds = tasks.dataset(grouped_ref, 1).map_batches(
         score_sweep, batch_size=1, batch_format="numpy", num_cpus=1,
         fn_kwargs={"root": root, "cfg": cfg.to_dict(), "classes": classes, "betas": betas, "thresholds": thresholds})
     progress = StageProgress("tune", total, every_seconds=cfg.run.progress_seconds)
@@ -128,12 +124,12 @@ def tune(cfg: Config, state: dict[str, Any], *, max_images: int = 200, betas: li
         instance.append({"beta": b, "ins_bg_threshold": t,
                          **{f"ap{int(100 * k)}": v["mean"] for k, v in result.items()}})
     out = {"images": total, "semantic": semantic, "instance": instance}
-    out["image_ids"] = sorted(i for images in common.get(grouped_ref).column("images").to_pylist()
+    out["image_ids"] = sorted(i for images in tasks.get(grouped_ref).column("images").to_pylist()
                               for i in (r["image_id"] for r in json.loads(images)))
     if semantic:
         out["best_semantic"] = max(semantic, key=lambda r: r["miou"])
     if instance:
         first = f"ap{int(100 * cfg.eval.iou_thresholds[0])}"
         out["best_instance"] = max(instance, key=lambda r: np.nan_to_num(r[first], nan=-1))
-    storage.write_text(storage.join(layout.report_dir(root), "tune.json"), json.dumps(ledger.to_json_safe(out), indent=2))
+    storage.write_text(layout.tune_file(root), json.dumps(ledger.to_json_safe(out), indent=2))
     return out

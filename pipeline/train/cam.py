@@ -16,30 +16,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import ledger, plan, tasks
+from pipeline.algorithms.metrics import classification_map
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.classes import Vocabulary
+from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
 from pipeline.data.transforms import cam_train_sample, held_out_input
 from pipeline.io import layout, storage
 from pipeline.models.cam_net import build_cam_net
+from pipeline.models.store import load_trained
 from pipeline.train import common, inputs
 
 log = logging.getLogger(__name__)
 
 
-def multi_hot(labels: list[str], classes: list[str]) -> np.ndarray:
-    """float32 [C]: 1 for each tagged class."""
-    target = np.zeros(len(classes), np.float32)
-    index = {name: i for i, name in enumerate(classes)}
-    for name in labels:
-        target[index[name]] = 1.0
-    return target
-
-
 @torch.no_grad()
 def held_out_map(model: torch.nn.Module, batches, device: torch.device) -> tuple[float, int]:
     """(classification mAP, images) of ``model`` over batches {"image", "target"} (eval mode)."""
-    from pipeline.algorithms.metrics import classification_map
-
     was_training = model.training
     model.eval()
     scores, targets = [], []
@@ -64,9 +57,9 @@ class CamSamples:
 
     def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
         try:
-            image = decode_image(storage.read_bytes(str(row["uri"])), max_pixels=self.max_pixels)
-        except (ImageDecodeError, OSError) as err:
-            log.warning("skipping %s in CAM training: %s", row["uri"], err)
+            image, _ = read_inputs(row["uri"], max_pixels=self.max_pixels)
+        except UNREADABLE as err:
+            log.warning("skipping %s in CAM training: %s", row["uri"], unreadable_reason(err))
             return None
         return {"image": image, "target": np.asarray(row["target"], np.float32)}
 
@@ -132,8 +125,8 @@ def held_out_batches(rows: list[dict[str, Any]], size: int, max_pixels: int):
     images, targets = [], []
     for row in rows:
         try:
-            images.append(held_out_input(decode_image(storage.read_bytes(row["uri"]), max_pixels=max_pixels), size))
-        except (ImageDecodeError, OSError):
+            images.append(held_out_input(read_inputs(row["uri"], max_pixels=max_pixels)[0], size))
+        except UNREADABLE:
             continue
         targets.append(np.asarray(row["target"], np.float32))
         if len(images) == 8:
@@ -178,9 +171,7 @@ def backbone_source(init: str):
 def held_out_quality(root: str, manifest_dir: str, classes: list[str], *, size: int, max_pixels: int,
                      max_images: int) -> dict[str, Any] | None:
     """Task: :func:`classifier_quality` on the manifest's held-out images (at most ``max_images``)."""
-    from pipeline.stages.plan import cam_training_rows
-
-    table, _, _ = cam_training_rows(manifest_dir, classes, held_out=True, limit=max_images)
+    table, _, _ = plan.cam_training_rows(manifest_dir, classes, held_out=True, limit=max_images)
     return classifier_quality(root, table.select(["uri", "labels"]).to_pylist(), classes, size=size,
                               max_pixels=max_pixels)
 
@@ -189,13 +180,98 @@ def classifier_quality(root: str, rows: list[dict[str, Any]], classes: list[str]
                        max_pixels: int) -> dict[str, Any] | None:
     """Classification mAP of the exported CAM network on held-out rows (uri, labels), the images
     fitted into ``size`` x ``size`` as in training's per-epoch scoring; None without images."""
-    from pipeline.train.common import load_trained
-
     net = load_trained(root, "cam", num_classes=len(classes))
-    batches = list(held_out_batches([{"uri": r["uri"], "target": multi_hot(r["labels"], classes)} for r in rows],
+    targets = Vocabulary(classes).multi_hot([r["labels"] for r in rows])
+    batches = list(held_out_batches([{"uri": r["uri"], "target": t} for r, t in zip(rows, targets)],
                                     size, max_pixels))
     if not batches:
         return None
     result, count = held_out_map(net, batches, torch.device("cpu"))
     target = np.concatenate([b["target"] for b in batches])
     return {"images": count, "map": result, "chance": float(np.mean([t.mean() for t in target.T if t.any()]))}
+
+
+class QualityGateError(RuntimeError):
+    """The CAM network is too weak to label with: the run stops before it publishes anything."""
+
+
+def stage_train_cam(run: ledger.Run) -> dict[str, Any]:
+    if run.cfg.cams.source:
+        return {"_skipped": True, "reason": "cams.source gives the CAMs"}
+    key = ledger.train_cam_key(run.cfg, run.classes)
+
+    def train(name: str) -> dict[str, Any]:
+        table_ref, count_ref, chance_ref = tasks.run_task(plan.cam_training_rows, run.manifest_dir, run.classes,
+                                                           num_returns=3, num_cpus=run.cfg.run.io_cpus)
+        held_out: list[dict[str, Any]] = []
+        if run.cfg.train_cam.select_best:  # at most eval.max_classification_images rows: small
+            held_out = tasks.get(tasks.run_task(
+                plan.cam_training_rows, run.manifest_dir, run.classes, held_out=True,
+                limit=run.cfg.eval.max_classification_images, num_returns=3, num_cpus=run.cfg.run.io_cpus)[0]
+            ).select(["uri", "target"]).to_pylist()
+        run.state.update_stage("train_cam", chance_loss=tasks.get(chance_ref))
+        return train_cam(run.cfg, table_ref, tasks.get(count_ref), run.classes, name=name, held_out_rows=held_out)
+
+    counts = common.train_network(run, "cam", key, train)
+    quality = held_out_record(run)
+    if quality:
+        counts["held_out_map"] = quality.get("map")
+    return counts
+
+
+def held_out_record(run: ledger.Run) -> dict[str, Any] | None:
+    """The CAM network's classification mAP on the held-out images (recorded in run.json per
+    model file, so it is measured once per model)."""
+    model = layout.model_file(run.root, "cam")
+    if not storage.exists(model):
+        return None
+    digest = ledger.file_fingerprint(model)
+    recorded = ledger.current_held_out(run.state, digest)
+    if recorded is not None:
+        return recorded
+    cfg = run.cfg
+    quality = tasks.get(tasks.run_task(held_out_quality, run.root, run.manifest_dir, run.classes,
+                                       size=cfg.train_cam.crop_size, max_pixels=cfg.data.max_pixels,
+                                       max_images=cfg.eval.max_classification_images, num_cpus=1))
+    return ledger.record_held_out(run.state, digest, quality)
+
+
+def cam_skill(held_out: dict[str, Any]) -> float:
+    """(mAP - chance) / (1 - chance) of a held-out measurement: 0 at chance, 1 when perfect."""
+    chance = held_out["chance"]
+    return (held_out["map"] - chance) / (1 - chance) if chance < 1 else 1.0
+
+
+def quality_gate(run: ledger.Run) -> None:
+    """Stop before anything is published when the CAM network did not learn well enough: its
+    held-out mAP below ``run.min_cam_map`` or its skill over chance below ``run.min_cam_skill``,
+    or its final training loss near the chance loss."""
+    gate = run.cfg.run.min_cam_map
+    stage = run.state.stage("train_cam")
+    if gate <= 0 or run.cfg.cams.source or not stage.get("held_out"):
+        return
+    held_out, problems = stage["held_out"], []
+    if not held_out.get("images"):
+        log.warning("quality gate: no held-out image to measure the CAM network on; not checked")
+        return
+    measured = (f"the CAM classifier's held-out mAP is {held_out['map']:.3f} on {held_out['images']} images "
+                f"(chance {held_out['chance']:.3f})")
+    skill = cam_skill(held_out)
+    if held_out["map"] < gate:
+        problems.append(f"{measured}, below run.min_cam_map {gate:.2f}")
+    elif skill < run.cfg.run.min_cam_skill:
+        problems.append(f"{measured}: {skill:.2f} of the way from chance to perfect, below run.min_cam_skill "
+                        f"{run.cfg.run.min_cam_skill:.2f}; its CAMs would localise poorly")
+    loss, chance = (stage.get("counts") or {}).get("final_loss"), stage.get("chance_loss")
+    if loss is not None and chance and loss > CHANCE_LOSS_SHARE * chance:
+        problems.append(f"its final training loss {loss:.3f} is within {100 - 100 * CHANCE_LOSS_SHARE:.0f}% of "
+                        f"chance ({chance:.3f})")
+    if problems:
+        raise QualityGateError(
+            "quality gate: " + "; ".join(problems) + ". Nothing was published (LATEST is unchanged); what was "
+            "computed is kept. Try: more epochs or images; with no pretrained weights "
+            "train_cam.from_scratch=true with optimizer=adamw and select_best=true; or CAMs from another method "
+            "(cams.source). To label anyway: --set run.min_cam_map=0.")
+
+
+CHANCE_LOSS_SHARE = 0.95  # a final loss above 95% of the chance loss: the network learnt (almost) nothing

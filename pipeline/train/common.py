@@ -1,8 +1,8 @@
-"""What both training loops share: schedule, progress, checkpoints, the Ray Train runner, export."""
+"""What the training loops share: schedule, progress, checkpoints, the Ray Train runner, export
+(through :mod:`pipeline.models.store`)."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -14,7 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.io import storage
+from pipeline import ledger
+from pipeline.io import layout, storage
+from pipeline.models import store
+from pipeline.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,6 @@ class Progress:
         done = step - self.start_step
         if not self.enabled or (step % self.every and step != self.max_step):
             return
-        from pipeline.progress import duration
-
         elapsed = time.perf_counter() - self.t0
         rate = self.images / elapsed if elapsed > 0 else 0.0
         eta = elapsed / max(1, done) * (self.max_step - step)
@@ -232,7 +233,7 @@ def run_trainer(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], da
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage_path, storage_filesystem = storage.join(root, "models"), None
+    storage_path, storage_filesystem = layout.models_dir(root), None
     if storage.is_local(storage_path):
         storage_path = os.path.abspath(storage_path)
         os.makedirs(storage_path, exist_ok=True)
@@ -264,59 +265,29 @@ def export_model(result, uri: str, extra: dict[str, Any]) -> dict[str, Any]:
     state = load_checkpoint(result.checkpoint)
     if state is None:
         raise RuntimeError(f"training produced no checkpoint to export to {uri}")
-    buf = io.BytesIO()
-    torch.save(state.get("best_model", state["model"]), buf)  # the best epoch when epochs were scored
-    storage.write_bytes(uri, buf.getvalue())
     meta = {**extra, "metrics": state.get("best_metrics", state.get("metrics", {})), "epoch": state.get("epoch"),
             "step": state.get("step"), "exported_epoch": state.get("best_epoch", state.get("epoch"))}
-    storage.write_text(uri + ".json", json.dumps(meta, indent=2, sort_keys=True, default=str))
-    return meta
+    # the best epoch when epochs were scored
+    return store.write_model(uri, state.get("best_model", state["model"]), meta)
 
 
-def import_model(source: str, uri: str, network: str, *, depth: int, num_classes: int | None,
-                 extra: dict[str, Any]) -> dict[str, Any]:
-    """Use the trained ``network`` at ``source`` (an irn-ray model.pt or a checkpoint of the official
-    implementation, converted) as this run's model: checked by a strict load at ``depth``, then
-    written to ``uri`` like a trained one."""
-    from pipeline.models.backbone import load_state_dict_file
-    from pipeline.models.cam_net import build_cam_net
-    from pipeline.models.irnet import build_irnet
-    from pipeline.models.official import convert_official
-
-    state = convert_official(load_state_dict_file(io.BytesIO(storage.read_bytes(source))), network)
-    try:
-        if network == "cam":
-            build_cam_net(num_classes=num_classes, depth=depth, state_dict=state)
-        else:
-            build_irnet(depth=depth, state_dict=state)
-    except RuntimeError as err:
-        raise ValueError(f"train_{network}.use_model: {source} does not fit a depth-{depth} {network} network "
-                         f"with these classes ({str(err).splitlines()[0]})") from None
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(uri, buf.getvalue())
-    meta = {**extra, "source": source, "metrics": {}}
-    storage.write_text(uri + ".json", json.dumps(meta, indent=2, sort_keys=True, default=str))
-    return meta
-
-
-def load_exported(uri: str) -> dict[str, torch.Tensor]:
-    """A state dict written by :func:`export_model` (weights only: no code is unpickled)."""
-    with storage.open_input(uri) as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-
-
-def load_trained(root: str, network: str, *, num_classes: int | None = None) -> torch.nn.Module:
-    """The exported ``network`` ('cam' or 'irn') of a run root, built at its trained depth, in eval mode.
-
-    ``num_classes`` is needed for the CAM network. IRNet comes with its stored mean displacement.
-    """
-    from pipeline.io import layout
-    from pipeline.models.cam_net import build_cam_net
-    from pipeline.models.irnet import build_irnet
-
-    uri = layout.model_file(root, network)
-    depth = json.loads(storage.read_text(uri + ".json"))["config"]["depth"]
-    if network == "cam":
-        return build_cam_net(num_classes=num_classes, depth=depth, state_dict=load_exported(uri)).eval()
-    return build_irnet(depth=depth, state_dict=load_exported(uri)).eval()
+def train_network(run: ledger.Run, network: str, key: str, train: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """A stage's counts for the ``network`` ('cam' or 'irn') of a labelling run: the model
+    ``train_<network>.use_model`` names, imported once per file (ledger.use_model_key), or trained
+    by ``run.retrain`` (ledger.train_network: when the key changed, the model is missing, the last
+    attempt died or ``--from-stage`` forces it)."""
+    section, model = getattr(run.cfg, f"train_{network}"), layout.model_file(run.root, network)
+    if section.use_model:
+        key = ledger.use_model_key(section, run.classes)
+        if ledger.is_current(run.state, f"train_{network}", key, model):
+            return {"_skipped": True, "model": model}
+        meta = store.import_model(section.use_model, model, network, depth=section.depth,
+                                  num_classes=len(run.classes),
+                                  extra={"network": network, "classes": run.classes, "config": vars(section)})
+        run.state.update_stage(f"train_{network}", key=key, trained=True, run_name=None)
+        return {"model": model, "source": meta["source"]}
+    meta = ledger.train_network(run.state, network, key, model, train, policy=run.cfg.run.retrain,
+                                forced=run.forced(f"train_{network}"))
+    if meta is None:
+        return {"_skipped": True, "model": model}
+    return {"images": meta.get("num_images"), "final_loss": meta.get("metrics", {}).get("loss")}

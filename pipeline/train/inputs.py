@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.stages.common import dataset, object_array
+from pipeline.tasks import dataset, object_array
 
 log = logging.getLogger(__name__)
 

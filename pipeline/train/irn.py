@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import ledger, plan, tasks
 from pipeline.algorithms.losses import irn_losses
 from pipeline.algorithms.pairs import downsample_labels, relation_pair_labels
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
 from pipeline.data.transforms import irn_train_sample, normalize
-from pipeline.io import codecs, layout, storage
+from pipeline.io import layout
 from pipeline.models.irnet import build_irnet
+from pipeline.models.store import load_exported
 from pipeline.train import common, inputs
 from pipeline.train.cam import backbone_source
 
@@ -43,13 +45,10 @@ class IrnSamples:
     def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
         uri = row["uri"]
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
-            relation = codecs.decode_label_png(storage.read_bytes(str(row["relation_uri"])))
-        except (ImageDecodeError, OSError, ValueError) as err:
-            log.warning("skipping %s in IRNet training: %s", uri, err)
-            return None
-        if relation.shape != image.shape[:2]:
-            log.warning("skipping %s: relation map %s does not match image %s", uri, relation.shape, image.shape[:2])
+            image, relation = read_inputs(uri, row["relation_uri"], max_pixels=self.max_pixels,
+                                          label_name="relation map")
+        except UNREADABLE as err:
+            log.warning("skipping %s in IRNet training: %s", uri, unreadable_reason(err))
             return None
         return {"image": image, "relation": relation}
 
@@ -109,7 +108,7 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(config["seed"])  # same initial branch weights on every rank and every run
     if config["backbone_init"] == "cam":
-        model = build_irnet(depth=config["depth"], cam_state_dict=common.load_exported(config["cam_model_uri"]),
+        model = build_irnet(depth=config["depth"], cam_state_dict=load_exported(config["cam_model_uri"]),
                             from_scratch=config["from_scratch"])
     else:
         model = build_irnet(depth=config["depth"], backbone_init=backbone_source(config["backbone_init"]),
@@ -172,3 +171,15 @@ def train_irn(cfg: Config, table_ref, num_images: int, *, name: str = "irn") -> 
         cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures)
     return common.export_model(result, layout.model_file(cfg.run.root, "irn"),
                                {"network": "irn", "config": vars(section), "num_images": num_images})
+
+
+def stage_train_irn(run: ledger.Run) -> dict[str, Any]:
+    cams_key = run.recorded_cams_key()
+    key = ledger.train_irn_key(run.cfg, cams_key)
+
+    def train(name: str) -> dict[str, Any]:
+        table_ref, count_ref = tasks.run_task(plan.irn_training_rows, run.root, run.manifest_dir, run.classes,
+                                               cams_key, num_returns=2, num_cpus=run.cfg.run.io_cpus)
+        return train_irn(run.cfg, table_ref, tasks.get(count_ref), name=name)
+
+    return common.train_network(run, "irn", key, train)

@@ -21,12 +21,12 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from pipeline import ledger
-from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline import ledger, plan
+from pipeline.data.classes import Vocabulary
+from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
 from pipeline.data.segmentation import instance_masks, instance_train_sample, semantic_train_sample
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.models.segmenters import build_segmenter
-from pipeline.stages import plan
 from pipeline.train import common, inputs
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ def segmenter_rows(labels_dir: str, manifest_dir: str, classes: list[str], *, la
         rows = tables.join_rows(manifest.filter(wanted), index.select(["image_id"]), ["image_id"], "left semi")
         if evaluation:
             rows = rows.sort_by("image_id").slice(0, limit)
-        lookup = {name: i + 1 for i, name in enumerate(classes)}
-        instance_classes = [json.dumps({k + 1: lookup[n] for k, n in enumerate(names or []) if n in lookup})
+        vocabulary = Vocabulary(classes)
+        instance_classes = [json.dumps({k + 1: vocabulary.get(n) for k, n in enumerate(names or [])
+                                        if vocabulary.get(n) is not None})
                             for names in rows.column("gt_instance_classes").to_pylist()]
         table = pa.table({"image_id": rows.column("image_id"), "uri": rows.column("uri"),
                           "semantic_uri": rows.column("gt_semantic_uri"), "instance_uri": rows.column("gt_instance_uri"),
@@ -90,15 +91,11 @@ class SegmenterSamples:
 
     def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
         uri = row["uri"]
+        column = "semantic_uri" if self.model == "deeplab" else "instance_uri"
         try:
-            image = decode_image(storage.read_bytes(str(uri)), max_pixels=self.max_pixels)
-            column = "semantic_uri" if self.model == "deeplab" else "instance_uri"
-            label = codecs.decode_label_png(storage.read_bytes(str(row[column])))
-        except (ImageDecodeError, OSError, ValueError) as err:
-            log.warning("skipping %s in segmenter training: %s", uri, err)
-            return None
-        if label.shape != image.shape[:2]:
-            log.warning("skipping %s: labels %s do not match the image %s", uri, label.shape, image.shape[:2])
+            image, label = read_inputs(uri, row[column], max_pixels=self.max_pixels)
+        except UNREADABLE as err:
+            log.warning("skipping %s in segmenter training: %s", uri, unreadable_reason(err))
             return None
         if self.model == "deeplab":
             return {"image": image, "label": label}
@@ -195,18 +192,3 @@ def backbone_weights(cfg) -> str:
     if depth != cfg.segmenter.depth:
         raise ValueError(f"segmenter.backbone_init: cam is a ResNet-{depth}; set segmenter.depth={depth}")
     return uri
-
-
-def load_segmenter(model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """An exported segmenter (eval mode) and its metadata."""
-    meta = json.loads(storage.read_text(model_uri + ".json"))
-    section = meta["config"]
-    net = build_segmenter(meta["network"], len(meta["classes"]), depth=section.get("depth", 50),
-                          min_size=section["min_size"], max_size=section["max_size"])
-    net.load_state_dict(common.load_exported(model_uri), strict=True)
-    return net.eval(), meta
-
-
-def model_file(root: str, model: str, labels: str) -> str:
-    return storage.join(root, "models", f"{model}-{labels}", "model.pt")
-

@@ -3,7 +3,6 @@ ablations and previews of the first labelled images (``pipeline.report`` renders
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -11,33 +10,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline import ledger
-from pipeline.data.images import decode_image
+from pipeline import ledger, plan, tasks
+from pipeline.data.images import read_inputs, read_label
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage, tables
-from pipeline.colours import displacement_scale
-from pipeline.report import format_value, overlay_previews, render_report, write_report
-from pipeline.stages import common, plan
+from pipeline.models.store import load_trained
+from pipeline.report.colours import displacement_scale
+from pipeline.report.html import format_value, overlay_previews, render_report, write_report
 from pipeline.stages.cams import read_cam_rows
-from pipeline.train.common import load_trained
+from pipeline.train.cam import cam_skill
 
 log = logging.getLogger(__name__)
+SEGMENTER_METRICS = {"deeplab": ("miou",), "maskrcnn": ("ap50", "ap70", "coco_ap")}  # paper Tables 3-4
 GRID_STRIDE = 4  # IRNet's boundary and displacement are at 1/4 of the image (IRNet.infer)
 
-# Label-health figures of ``plan.index_summary``: (name, unit, healthy (low, high) or None, what it is).
-# The ranges are those outside which ``plan.health_warnings`` warns (tests/test_report.py checks that
-# they agree); a figure without one depends on the data and is read beside the others.
+# Label-health figures of ``plan.index_summary``: (name, unit, what it is). The healthy ranges are
+# plan.HEALTHY, outside which ``plan.health_warnings`` warns; a figure without one depends on the
+# data and is read beside the others.
 HEALTH_FIGURES = {
-    "tagged_images_all_background": ("tagged images labelled all background", "percent", (None, 0.2),
+    "tagged_images_all_background": ("tagged images labelled all background", "percent",
                                      "images with a class tag whose labels have no foreground pixel"),
-    "foreground_fraction": ("foreground fraction", "percent", None,
+    "foreground_fraction": ("foreground fraction", "percent",
                             "mean share of an image's pixels labelled with a class"),
-    "cam_fraction": ("CAM fraction", "percent", None,
+    "cam_fraction": ("CAM fraction", "percent",
                      "mean share of an image's pixels where a CAM is above synthesis.cam_bg_threshold"),
-    "foreground_to_cam_area": ("labelled area / CAM area", "ratio", (0.5, 2.0),
+    "foreground_to_cam_area": ("labelled area / CAM area", "ratio",
                                "foreground fraction over CAM fraction: how far the labels grew or shrank the CAMs"),
-    "instances_per_image": ("instances per image", "ratio", None, "mean number of instances per labelled image"),
-    "instances_per_tag": ("instances per image tag", "ratio", (0.5, 8.0),
+    "instances_per_image": ("instances per image", "ratio", "mean number of instances per labelled image"),
+    "instances_per_tag": ("instances per image tag", "ratio",
                           "instances over image-level class tags: low, instances are lost; high, fragmented"),
 }
 
@@ -54,7 +54,7 @@ def preview_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str
 def make_previews(run, version: str, count: int) -> list[dict[str, Any]]:
     """Preview panels of the first ``count`` labelled images (sorted by id)."""
     labels_dir = layout.labels_dir(run.root, version)
-    rows = common.get(common.run_task(preview_rows, run.root, run.manifest_dir, run.classes,
+    rows = tasks.get(tasks.run_task(preview_rows, run.root, run.manifest_dir, run.classes,
                                       run.recorded_cams_key(), labels_dir, count, num_cpus=run.cfg.run.io_cpus))
     if not rows:
         return []
@@ -62,7 +62,7 @@ def make_previews(run, version: str, count: int) -> list[dict[str, Any]]:
     previews = []
     for row in rows:
         (cam_row,) = read_cam_rows(storage.join(layout.cams_dir(run.root), row["cam_shard"]), [row["image_id"]])
-        image = decode_image(storage.read_bytes(row["uri"]), max_pixels=run.cfg.data.max_pixels)
+        image, _ = read_inputs(row["uri"], max_pixels=run.cfg.data.max_pixels)
         height, width = image.shape[:2]
         stride4 = torch.from_numpy(cam_row["cams"])
         cam = None
@@ -73,14 +73,28 @@ def make_previews(run, version: str, count: int) -> list[dict[str, Any]]:
         if irn is not None:
             out = irn.infer(torch.from_numpy(normalize(image)), pad_to=run.cfg.train_irn.crop_size)
             boundary, displacement = out.boundary.numpy(), out.displacement.numpy()
-        semantic = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["semantic_uri"], labels_dir)))
-        instance = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["instance_uri"], labels_dir)))
+        semantic = read_label(storage.resolve(row["semantic_uri"], labels_dir))
+        instance = read_label(storage.resolve(row["instance_uri"], labels_dir))
         scale = None if displacement is None else displacement_scale(displacement)
         panels = overlay_previews(image, cam, boundary, displacement, semantic, instance, palette=codecs.VOC_PALETTE,
                                   stride=GRID_STRIDE, max_displacement=scale)
         captions = {} if scale is None else {"displacement": f"displacement\nfull at {GRID_STRIDE * scale:.1f} px"}
         previews.append({"image_id": row["image_id"], "panels": panels, "captions": captions})
     return previews
+
+
+def comparison_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Rows (model, metric, pseudo labels, ground truth, ratio) as in the paper's Tables 3-4."""
+    rows = []
+    for model, metrics in SEGMENTER_METRICS.items():
+        pseudo = (results.get(f"{model}-pseudo") or {}).get("metrics", {})
+        truth = (results.get(f"{model}-ground_truth") or {}).get("metrics", {})
+        for metric in metrics:
+            if metric in pseudo or metric in truth:
+                a, b = pseudo.get(metric), truth.get(metric)
+                ratio = a / b if a is not None and b else None
+                rows.append([{"deeplab": "DeepLab", "maskrcnn": "Mask R-CNN"}[model], metric, a, b, ratio])
+    return rows
 
 
 def _class_rows(run, summary: dict[str, Any], metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -115,8 +129,9 @@ def health_figures(health: dict[str, float | None]) -> list[dict[str, Any]]:
     keys = [k for k in HEALTH_FIGURES if k in health] + [k for k in health if k not in HEALTH_FIGURES]
     figures = []
     for key in keys:
-        name, unit, healthy, meaning = HEALTH_FIGURES.get(key, (key.replace("_", " "), None, None, None))
-        figures.append({"name": name, "value": health[key], "unit": unit, "healthy": healthy, "meaning": meaning})
+        name, unit, meaning = HEALTH_FIGURES.get(key, (key.replace("_", " "), None, None))
+        figures.append({"name": name, "value": health[key], "unit": unit, "healthy": plan.HEALTHY.get(key),
+                        "meaning": meaning})
     return figures
 
 
@@ -124,8 +139,6 @@ def headline_figures(metrics: dict[str, Any] | None, held_out: dict[str, Any],
                      health: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The cards at the top: IRNet's mIoU / AP50 / AP70 beside the ablations' (with ground truth) or
     the ranged label-health figures (without), then the CAM classifier's held-out mAP and skill."""
-    from pipeline.orchestrate import cam_skill
-
     full = (metrics or {}).get("irnet")
     if full:
         ablations = [(label, (metrics.get("ablations") or {}).get(name))
@@ -147,28 +160,22 @@ def headline_figures(metrics: dict[str, Any] | None, held_out: dict[str, Any],
 
 
 def _segmenter_rows(rows: list[list[Any]]) -> list[list[str]]:
-    """``segment.comparison_rows`` as text: metrics (fractions) in percent, the ratio with 2 decimals."""
+    """:func:`comparison_rows` as text: metrics (fractions) in percent, the ratio with 2 decimals."""
     return [[model, metric, format_value(pseudo, "percent"), format_value(truth, "percent"),
              format_value(ratio, "ratio")] for model, metric, pseudo, truth, ratio in rows]
 
 
 def build_report(run) -> dict[str, Any]:
     """Write ``report/index.html`` unless it is current for this labels version and metrics."""
-    from pipeline.orchestrate import STAGES
-    from pipeline.segment import comparison_rows, segmenter_results
-    from pipeline.stages.evaluate import metrics_uri
-
     t0 = time.perf_counter()
     version = ledger.latest_version(run.root)
     if version is None:
         return {"_skipped": True, "reason": "no labels"}
-    metrics = json.loads(storage.read_text(metrics_uri(run.root))) if storage.exists(metrics_uri(run.root)) else None
-    segmenters = segmenter_results(run.root)
-    key = ledger.fingerprint({"version": version, "metrics": run.state.stage("evaluate").get("key"),
-                              "previews": run.cfg.eval.num_previews,
-                              "segmenters": {k: v.get("metrics") for k, v in segmenters.items()}})
-    index = storage.join(layout.report_dir(run.root), "index.html")
-    if storage.exists(index) and run.state.stage("report").get("key") == key and "report" not in run.force:
+    metrics = ledger.read_metrics(run.root)
+    segmenters = ledger.segmenter_results(run.root)
+    key = ledger.report_key(version, run.state.stage("evaluate").get("key"), run.cfg.eval.num_previews, segmenters)
+    index = layout.report_file(run.root)
+    if ledger.is_current(run.state, "report", key, index, forced=run.forced("report")):
         return {"_skipped": True, "uri": index}
     ablations = [] if not (metrics or {}).get("irnet") else [
         {"method": label, "miou": m["miou"], "ap50": m["ap"].get("0.5"), "ap70": m["ap"].get("0.7")}
@@ -192,7 +199,7 @@ def build_report(run) -> dict[str, Any]:
     previews = make_previews(run, version, run.cfg.eval.num_previews)
     html_text = render_report(
         title=f"irn-ray labels {version}", summary=overview,
-        stage_rows=stage_rows(run.state.data["stages"], order=("manifest",) + STAGES,
+        stage_rows=stage_rows(run.state.data["stages"], order=("manifest",) + ledger.STAGES,
                               report_seconds=time.perf_counter() - t0),
         class_rows=_class_rows(run, summary, metrics),
         headline=headline_figures(metrics, run.state.stage("train_cam").get("held_out") or {}, health),

@@ -1,6 +1,6 @@
 """Planning tasks: each reads key columns of the run root and applies a rule of ``pipeline.ledger``.
 
-They run as Ray tasks (``common.run_task``): the manifest and the done sets are read and joined
+They run as Ray tasks (``tasks.run_task``): the manifest and the done sets are read and joined
 there, in Arrow, and only the pending rows (as an object reference) and counts reach the driver.
 """
 
@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import ledger
+from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage, tables
 
 MANIFEST_COLUMNS = ["image_id", "uri", "labels", "split", "gt_semantic_uri", "gt_instance_uri",
@@ -24,16 +25,11 @@ def _valid_rows(manifest_dir: str, columns: list[str]) -> pa.Table:
     return tables.read_shards(uris, columns) if uris else pa.table({c: pa.array([], pa.string()) for c in columns})
 
 
-def unreadable_file(manifest_dir: str) -> str:
-    """The manifest's images that do not decode (QUARANTINE_SCHEMA rows), written by the probe."""
-    return storage.join(manifest_dir, "unreadable.parquet")
-
-
 def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Table:
     """The rows of a run's manifest that every stage reads: the valid ones
     (``manifest/<stamp>/valid/``) whose image decodes (not in :func:`unreadable_file`)."""
     columns = columns or MANIFEST_COLUMNS
-    uri = unreadable_file(manifest_dir)
+    uri = layout.unreadable_file(manifest_dir)
     if not storage.exists(uri):
         return _valid_rows(manifest_dir, columns)
     rows = _valid_rows(manifest_dir, list(dict.fromkeys(columns + ["image_id"])))
@@ -41,14 +37,9 @@ def read_manifest(manifest_dir: str, columns: list[str] | None = None) -> pa.Tab
     return tables.join_rows(rows, bad, ["image_id"], "left anti").select(columns)
 
 
-def probe_dir(root: str) -> str:
-    """Probe rows (ledger.PROBE_SCHEMA) of the images that decoded."""
-    return storage.join(root, "probe")
-
-
 def probe_plan(root: str, manifest_dir: str, key: str) -> tuple[pa.Table, dict[str, int]]:
     """Valid manifest rows (image_id, uri) whose image is still to be decoded (ledger.plan_probe)."""
-    probed = tables.read_shards(storage.list_files(probe_dir(root), ".parquet"), ["image_id", "uri", "key"])
+    probed = tables.read_shards(storage.list_files(layout.probe_dir(root), ".parquet"), ["image_id", "uri", "key"])
     return ledger.plan_probe(_valid_rows(manifest_dir, ["image_id", "uri"]), probed,
                              ledger.quarantined(root, "probe"), key)
 
@@ -60,7 +51,7 @@ def record_unreadable(root: str, manifest_dir: str, key: str, probed: pa.Table, 
     detail = ("image_id", "uri", "stage", "reason", "key")
     rows = ledger.unreadable(_valid_rows(manifest_dir, ["image_id", "uri"]), ledger.quarantined(root, "probe", detail),
                              key)
-    codecs.write_parquet(unreadable_file(manifest_dir), rows)
+    codecs.write_parquet(layout.unreadable_file(manifest_dir), rows)
     new = tables.join_rows(rows, probed.select(["image_id", "uri"]), ["image_id", "uri"], "left semi")
     return {"unreadable": rows.num_rows, "new": new.num_rows,
             "shown": new.slice(0, shown).select(["image_id", "uri", "reason"]).to_pylist()}
@@ -107,10 +98,7 @@ def cam_training_rows(manifest_dir: str, classes: list[str], *, held_out: bool =
     manifest = read_manifest(manifest_dir, ["uri", "labels", "held_out"])
     keep = manifest.column("held_out")
     manifest = manifest.filter(keep if held_out else pc.invert(keep)).slice(0, limit)
-    index = {name: i for i, name in enumerate(classes)}
-    targets = np.zeros((manifest.num_rows, len(classes)), np.float32)
-    for row, labels in enumerate(manifest.column("labels").to_pylist()):
-        targets[row, [index[n] for n in labels]] = 1.0
+    targets = Vocabulary(classes).multi_hot(manifest.column("labels").to_pylist())
     table = pa.table({"uri": manifest.column("uri"), "labels": manifest.column("labels"),
                       "target": pa.array(list(targets), pa.list_(pa.float32()))})
     prior = np.clip(targets.mean(axis=0), 1e-6, 1 - 1e-6) if len(targets) else np.full(len(classes), 0.5)
@@ -182,8 +170,8 @@ def rejected_rows(root: str, manifest_dir: str) -> pa.Table:
     """The manifest's rows no stage reads: those the manifest stage rejected and the images the
     probe could not decode (QUARANTINE_SCHEMA)."""
     parts = [manifest_rejects(root)]
-    if storage.exists(unreadable_file(manifest_dir)):
-        parts.append(codecs.read_parquet(unreadable_file(manifest_dir)))
+    if storage.exists(layout.unreadable_file(manifest_dir)):
+        parts.append(codecs.read_parquet(layout.unreadable_file(manifest_dir)))
     return pa.concat_tables([t.select(ledger.QUARANTINE_SCHEMA.names).cast(ledger.QUARANTINE_SCHEMA) for t in parts])
 
 
@@ -210,19 +198,38 @@ def index_summary(index: pa.Table, classes: list[str]) -> dict[str, Any]:
             "health_warnings": health_warnings(health)}
 
 
+# The healthy (low, high) range of the label-health figures that have one (ends included; None:
+# unbounded): outside it, health_warnings warns and the report marks the figure.
+HEALTHY = {"tagged_images_all_background": (None, 0.2), "foreground_to_cam_area": (0.5, 2.0),
+           "instances_per_tag": (0.5, 8.0)}
+
+
+def in_range(value: float | None, bounds: tuple[float | None, float | None] | None) -> bool | None:
+    """Whether ``value`` lies in ``bounds`` (ends included); None without a value or a range."""
+    if bounds is None or value is None or not np.isfinite(float(value)):
+        return None
+    low, high = bounds
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def healthy(key: str, value: float | None) -> bool | None:
+    """Whether label-health figure ``key`` lies in its HEALTHY range; None without a value or a range."""
+    return in_range(value, HEALTHY.get(key))
+
+
 def health_warnings(health: dict[str, float | None]) -> list[str]:
     """What looks wrong in labels without ground truth to check them against."""
     warnings = []
     empty, ratio, per_tag = (health.get(k) for k in ("tagged_images_all_background", "foreground_to_cam_area",
                                                      "instances_per_tag"))
-    if empty is not None and empty > 0.2:
+    if healthy("tagged_images_all_background", empty) is False:
         warnings.append(f"{100 * empty:.0f}% of tagged images are labelled all background: the background "
                         "thresholds (synthesis.*_bg_threshold) may be too high, or the CAMs too weak")
-    if ratio is not None and not 0.5 <= ratio <= 2.0:
-        side = "less" if ratio < 0.5 else "more"
+    if healthy("foreground_to_cam_area", ratio) is False:
+        side = "less" if ratio < HEALTHY["foreground_to_cam_area"][0] else "more"
         warnings.append(f"the labels cover {ratio:.2f}x the area the CAMs activate, much {side}: check the "
                         "background thresholds (python -m jobs.tune when some images have ground truth)")
-    if per_tag is not None and not 0.5 <= per_tag <= 8.0:
+    if healthy("instances_per_tag", per_tag) is False:
         warnings.append(f"{per_tag:.2f} instances per image tag: instances are probably "
-                        f"{'lost' if per_tag < 0.5 else 'fragmented'}")
+                        f"{'lost' if per_tag < HEALTHY['instances_per_tag'][0] else 'fragmented'}")
     return warnings

@@ -23,8 +23,16 @@ import math
 import numpy as np
 from PIL import Image
 
-from pipeline.colours import direction_wheel, displacement_colours, displacement_scale, instance_colours, jet, to_uint8
 from pipeline.io import storage
+from pipeline.plan import in_range
+from pipeline.report.colours import (
+    direction_wheel,
+    displacement_colours,
+    displacement_scale,
+    instance_colours,
+    jet,
+    to_uint8,
+)
 
 __all__ = ["PANELS", "UNITS", "format_range", "format_value", "in_range", "overlay_previews", "render_report",
            "write_report"]
@@ -286,14 +294,6 @@ def format_range(healthy, unit: str | None = None) -> str:
     if high is None:
         return f"≥ {format_value(low, unit)}"
     return f"{format_value(low, unit)} – {format_value(high, unit)}"
-
-
-def in_range(value, healthy) -> bool | None:
-    """Whether ``value`` lies in the healthy range (ends included); None without a value or a range."""
-    if healthy is None or value is None or not math.isfinite(float(value)):
-        return None
-    low, high = healthy
-    return (low is None or value >= low) and (high is None or value <= high)
 
 
 # ----------------------------------------------------------------------------- HTML pieces
