@@ -24,7 +24,7 @@ RAY_INTERNALS = ("(SplitCoordinator", "core_worker.cc", "execution finished", "S
 SCRIPT = textwrap.dedent(r'''
     import atexit, logging, os, sys, threading
     from jobs import _console
-    from pipeline.io import storage
+    from pipeline.io import layout, storage
 
     root, verbose, fail = sys.argv[1], sys.argv[2] == "verbose", sys.argv[3] == "fail"
     atexit.register(lambda: os.write(1, b"descriptor 1 is the console again\n"))
