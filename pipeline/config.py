@@ -65,9 +65,9 @@ class RunConfig:
     # (mAP - chance) / (1 - chance): how far from chance to perfect the classifier got. Measured
     # (docs/trust.md): 0.61 and 0.74 gave labels of mIoU ~0.3, 0.89 and 0.92 gave 0.46-0.52.
     min_cam_skill: float = 0.8
-    # One job per run root: a job holds <root>/_lease.json and renews it this often; a lease whose
-    # heartbeat is older than lease_expiry_seconds is taken over by the next job (docs/reliability.md)
+    # One job per run root: a job holds <root>/_lease.json and renews its heartbeat this often
     lease_heartbeat_seconds: float = 30.0
+    # a lease without a heartbeat for this long is taken over by the next job (docs/reliability.md)
     lease_expiry_seconds: float = 600.0
 
 
