@@ -34,8 +34,9 @@ def _outage(err: BaseException) -> BaseException | None:
 def _storage_down(err: BaseException) -> str:
     """One line for a storage error that outlasted the retries (a worker's error: its last line)."""
     lines = [line for line in str(err).splitlines() if line.strip()]
-    return (f"storage unavailable after {storage.RETRY.attempts} attempts: {type(err).__name__}: "
-            f"{lines[-1] if lines else err}. LATEST is unchanged by this run's unfinished work; rerun to resume")
+    detail = (lines[-1] if lines else str(err)).rstrip(".")
+    return (f"storage unavailable after {storage.RETRY.attempts} attempts: {type(err).__name__}: {detail}. "
+            "LATEST is unchanged by this run's unfinished work; rerun to resume")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -97,6 +98,7 @@ def writing(root: str, args: argparse.Namespace, *, expiry_seconds: float = 600.
         logging.getLogger("irn-ray").error("%s", _storage_down(_outage(err)))
         raise SystemExit(STORAGE_DOWN) from None
     finally:
+        taken.stop_heartbeat()  # the job is ending: a slow shutdown must not look like a lost lease
         _console.stop()  # run.log appended to the run root while the lease is still held
         held.__exit__(None, None, None)
 

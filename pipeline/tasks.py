@@ -58,6 +58,7 @@ class _CurrentStderr(logging.StreamHandler):
 
 
 RETRY_COUNTER = "irn-ray-storage-retries"  # the named actor that counts storage retries of the job
+_counters: dict = {}  # the driver's handle per Ray job: an actor lives as long as a handle to it
 
 
 class _RetryCounter:
@@ -134,7 +135,11 @@ def init_ray(cfg: Config) -> None:
             log.info("joining the Ray cluster at %s", address)
             ray.init(address=address, runtime_env={"worker_process_setup_hook": _worker_setup})
     _quiet_ray()
-    ray.remote(num_cpus=0)(_RetryCounter).options(name=RETRY_COUNTER, get_if_exists=True).remote()
+    if ray.is_initialized():
+        job = ray.get_runtime_context().get_job_id()
+        if job not in _counters:
+            _counters[job] = ray.remote(num_cpus=0)(_RetryCounter).options(name=RETRY_COUNTER,
+                                                                          get_if_exists=True).remote()
     storage.on_retry(_count_retry)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

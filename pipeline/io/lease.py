@@ -55,6 +55,15 @@ def _age(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
+def _ray_job() -> str | None:
+    """The submission id of the Ray job this process is the entry point of (``ray job submit``)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id")
+
+
 def describe(record: dict[str, Any]) -> str:
     owner = record.get("owner", {})
     who = f"{owner.get('command', 'a job')} (host {owner.get('host')}, pid {owner.get('pid')}"
@@ -86,8 +95,7 @@ class Lease:
         self.root, self.uri = root, layout.lease_file(root)
         self.expiry, self.interval = expiry_seconds, heartbeat_seconds
         self.token = uuid.uuid4().hex
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
-                      "ray_job": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "ray_job": _ray_job()}
         self.started = _now()
         self.tag: str | None = None
         self.took_over: str | None = None  # what acquire() said when it took another job's lease
@@ -146,11 +154,16 @@ class Lease:
         self.tag = None  # nothing to release: it is not ours
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def release(self) -> None:
-        """Give the lease back (the job's last write); only if it is still ours."""
+    def stop_heartbeat(self) -> None:
+        """The job is ending: no more heartbeats (nor a stop for a late one); the lease stays ours
+        until :meth:`release`."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+    def release(self) -> None:
+        """Give the lease back (the job's last write); only if it is still ours."""
+        self.stop_heartbeat()
         if self.tag is not None:
             try:
                 storage.remove_if(self.uri, self.tag)
