@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 
 from jobs import _console
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, check_inputs, load_config
+from pipeline.data.manifest import manifest_format
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,16 +41,23 @@ def console(root: str, *, verbose: bool = False) -> None:
 
 
 def load(args: argparse.Namespace) -> Config:
-    """The resolved config, or exit 2 with the key and the fix named; then the console is set up
-    for the run root (:func:`console`)."""
+    """The resolved config, or exit 2 with one line that names the key and the fix: a bad value
+    (pipeline.config), or an input that cannot be read (:func:`pipeline.config.check_inputs`, a
+    manifest of unknown format). Nothing has started then; after it, the console is set up for
+    the run root (:func:`console`)."""
     try:
         cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)
     except ConfigError as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if not cfg.data.manifest:
-        print("configuration error: data.manifest is empty; set it in the YAML or with "
-              "--set data.manifest=PATH_OR_URI", file=sys.stderr)
-        raise SystemExit(2)
+        _refuse(str(err))
+    try:
+        manifest_format(cfg.data.manifest)
+    except ValueError as err:
+        _refuse(f"data.manifest: {err}")
     console(cfg.run.root, verbose=args.verbose)
     return cfg
+
+
+def _refuse(message: str) -> typing.NoReturn:
+    print(f"configuration error: {message}", file=sys.stderr)
+    raise SystemExit(2)
