@@ -10,10 +10,12 @@ import argparse
 import contextlib
 import logging
 import sys
+import typing
 from typing import Iterator
 
 from jobs import _console
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, check_inputs, load_config
+from pipeline.data.manifest import manifest_format
 from pipeline.io import lease, storage
 
 LOCKED = 4  # exit status: another job holds the run root's lease
@@ -114,14 +116,21 @@ def job(args: argparse.Namespace) -> Iterator[Config]:
 
 
 def load(args: argparse.Namespace) -> Config:
-    """The resolved config, or exit 2 with the key and the fix named."""
+    """The resolved config, or exit 2 with one line that names the key and the fix: a bad value
+    (pipeline.config), or an input that cannot be read (:func:`pipeline.config.check_inputs`, a
+    manifest of unknown format). Nothing has started then."""
     try:
         cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)
     except ConfigError as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if not cfg.data.manifest:
-        print("configuration error: data.manifest is empty; set it in the YAML or with "
-              "--set data.manifest=PATH_OR_URI", file=sys.stderr)
-        raise SystemExit(2)
+        _refuse(str(err))
+    try:
+        manifest_format(cfg.data.manifest)
+    except ValueError as err:
+        _refuse(f"data.manifest: {err}")
     return cfg
+
+
+def _refuse(message: str) -> typing.NoReturn:
+    print(f"configuration error: {message}", file=sys.stderr)
+    raise SystemExit(2)

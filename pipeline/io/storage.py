@@ -192,6 +192,14 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+@_retried("exists")
+def is_dir(uri: str) -> bool:
+    """Whether ``uri`` is a directory (on an object store: a prefix with objects under it)."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # see exists()
+    return fs.isdir(path)
+
+
 @_retried("read")
 def read_bytes(uri: str) -> bytes:
     """Whole content of a file; FileNotFoundError if missing."""
