@@ -1,7 +1,10 @@
-"""Shared command line of the jobs: --config FILE, --set section.key=value overrides, --verbose.
+"""Shared command line of the jobs: --config FILE, --set section.key=value overrides, --verbose,
+--break-lock.
 
 Started as ``python -m jobs.<name>``, a job's console shows our lines only (stages, progress,
-warnings, the summary); Ray's own lines go to ``<run root>/run.log`` (jobs._console).
+warnings, the summary); Ray's own lines go to ``<run root>/run.log`` (jobs._console). A job that
+writes to a run root holds its lease (:func:`writing`, pipeline.io.lease): exit status 2 is a bad
+setting or input, 3 the quality gate, 4 another job holding the root, 5 storage down.
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ import argparse
 import contextlib
 import logging
 import sys
-import typing
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from jobs import _console
 from pipeline.config import Config, ConfigError, check_inputs, load_config
@@ -131,6 +133,6 @@ def load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _refuse(message: str) -> typing.NoReturn:
+def _refuse(message: str) -> NoReturn:
     print(f"configuration error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 
 from jobs import _cli
 from pipeline import ledger
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--with-images", action="store_true", help="also copy the source images")
     _cli.add_verbose(p)
     args = p.parse_args(argv)
-    _cli.console(args.root, verbose=args.verbose)
+    # Read only: the log goes to a local folder (named on the console), never into the run root.
+    _cli.console(tempfile.mkdtemp(prefix="irn-ray-export-"), verbose=args.verbose)
     holder = lease.holder(args.root)
     if holder and not holder["expired"]:  # a published version never changes: exporting it is safe
         logging.getLogger("irn-ray").info("note: %s is writing to this run root (heartbeat %.0f s ago); "
