@@ -47,7 +47,7 @@ def _run_stage(run: ledger.Run, name: str) -> None:
         raise
     seconds = round(time.perf_counter() - t0, 2)
     status = "skipped" if counts.pop("_skipped", False) else "done"
-    retried = tasks.storage_retries() - retries
+    retried = max(0, tasks.storage_retries() - retries)
     if retried:
         counts["storage_retries"] = retried  # transient storage errors this stage survived
     run.state.update_stage(name, status=status, seconds=seconds, counts=counts)

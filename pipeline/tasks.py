@@ -82,14 +82,19 @@ def _count_retry(operation: str, uri: str, err: BaseException) -> None:
         pass
 
 
+_last_total = [0]
+
+
 def storage_retries() -> int:
-    """Storage calls retried so far by this job, in every process (0 without a counter)."""
+    """Storage calls retried so far by this job, in every process (0 without a counter; the last
+    count read when the counter is gone with its node)."""
     import ray
 
     try:
-        return ray.get(ray.get_actor(RETRY_COUNTER).total.remote())
-    except ValueError:
-        return 0
+        _last_total[0] = ray.get(ray.get_actor(RETRY_COUNTER).total.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - a count for run.json is not worth failing a stage over
+        pass
+    return _last_total[0]
 
 
 def _worker_setup() -> None:
@@ -138,8 +143,11 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         job = ray.get_runtime_context().get_job_id()
         if job not in _counters:
-            _counters[job] = ray.remote(num_cpus=0)(_RetryCounter).options(name=RETRY_COUNTER,
-                                                                          get_if_exists=True).remote()
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            _counters[job] = ray.remote(num_cpus=0)(_RetryCounter).options(  # beside the driver: it lives as long
+                name=RETRY_COUNTER, get_if_exists=True, scheduling_strategy=here).remote()
     storage.on_retry(_count_retry)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

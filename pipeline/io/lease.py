@@ -8,8 +8,9 @@ A job that writes to a run root takes the lease before its first write and holds
   start time and the last heartbeat.
 * **Holding it**: a thread renews the heartbeat every ``heartbeat_seconds`` with a compare-and-swap
   (:func:`pipeline.io.storage.replace_if`: ``If-Match`` on S3). If the swap finds another owner's
-  record (the lease expired and another job took it), or the heartbeat cannot be written for
-  longer than the expiry (a partitioned driver), the job stops itself: the thread sends it SIGTERM.
+  record (the lease expired and another job took it), the thread sends the job SIGTERM; if the
+  heartbeat cannot be written for 90% of the expiry (storage down, a partitioned driver), the job
+  ends at once with exit status 5, whatever its main thread waits for.
 * **An expired lease** (no heartbeat for ``expiry_seconds``, by this machine's clock) is taken over
   with the same compare-and-swap, and said so in the log; ``break_lock`` takes any lease at once.
 * **Releasing it** is the job's last write, on success, on failure and on SIGTERM; a SIGKILLed
@@ -145,9 +146,20 @@ class Lease:
             except Exception as err:  # noqa: BLE001 - storage unreachable: keep trying until the expiry
                 log.warning("lease heartbeat of %s failed (%s: %s)", self.root, type(err).__name__, err)
                 if _now() - last_written > self.expiry * 0.9:
-                    self._lost(f"lease of run root {self.root}: no heartbeat written for {_age(_now() - last_written)}"
-                               f"; another job may take it now, so this job stops")
+                    self._storage_down(err, _now() - last_written)
                     return
+
+    def _storage_down(self, err: BaseException, age: float) -> None:
+        """Storage has refused the heartbeat for 90% of the expiry: another job may take the lease
+        soon, so this one ends now, whatever its main thread is waiting for (nothing it would
+        write can reach storage anyway), with exit status 5 (jobs._cli.STORAGE_DOWN)."""
+        detail = str(err).strip().splitlines()[-1].rstrip(".") if str(err).strip() else type(err).__name__
+        log.error("storage unavailable after %d attempts: %s: %s; the lease of %s has not been renewed for %s, "
+                  "so this job stops. LATEST is unchanged by this run's unfinished work; rerun to resume",
+                  storage.RETRY.attempts, type(err).__name__, detail, self.root, _age(age))
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(5)
 
     def _lost(self, message: str) -> None:
         log.error("%s", message)
