@@ -3,8 +3,9 @@
     python benchmarks/doubt.py --root runs/demo
 
 For every labelled image with ground truth: the doubt signals (pipeline.algorithms.doubt, with
-IRNet's boundary map recomputed from the run's network), the image's doubt, and its error
-1 - mean IoU (over the classes in its labels or its ground truth). Prints Spearman's rank
+IRNet's boundary map recomputed from the run's network, so a run labelled before doubt existed
+can be measured), the images' doubt ranked among them, and each image's error 1 - mean IoU (over
+the classes in its labels or its ground truth). Prints Spearman's rank
 correlation of the error with the doubt and with each signal alone. Measures; asserts nothing.
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import ledger, plan  # noqa: E402
 from pipeline.algorithms import doubt  # noqa: E402
 from pipeline.data.images import read_inputs, read_label  # noqa: E402
-from pipeline.io import codecs, layout, storage, tables  # noqa: E402
+from pipeline.io import codecs, layout, storage  # noqa: E402
 from pipeline.models.store import load_trained  # noqa: E402
 from pipeline.stages.cams import read_cam_rows  # noqa: E402
 from pipeline.stages.evaluate import decode_instances  # noqa: E402
@@ -73,8 +74,11 @@ def measure(root: str) -> dict:
             with torch.no_grad():
                 boundary = irn.infer_padded(x, [size])[0].boundary.numpy()
         signals = doubt.image_signals(semantic, masks, scores, cam_row["cams"], list(cam_row["class_ids"]), boundary)
-        rows.append({"image_id": image_id, "doubt": doubt.image_doubt(signals), **signals,
+        rows.append({"image_id": image_id, **signals,
                      "error": image_error(semantic, read_label(gt[image_id]["gt_semantic_uri"]))})
+    ranked = doubt.version_doubt(np.array([[r[name] for name in doubt.SIGNALS] for r in rows]))
+    for row, value in zip(rows, ranked):
+        row["doubt"] = float(value)
     error = [r["error"] for r in rows]
     correlations = {name: float(spearmanr([r[name] for r in rows], error).statistic)
                     for name in ("doubt",) + doubt.SIGNALS}

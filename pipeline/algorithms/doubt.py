@@ -15,15 +15,17 @@ CAM is hot outside it, touching objects of one class merged into one instance):
 * ``count_mismatch``: |log2(instances / tags)| / 3, clipped: instances lost, or fragmented;
 * ``fragments``: the share of instances whose mask falls apart into several pieces.
 
-An image's doubt is the mean of its signals (no weights fitted: docs/review.md says how it was
-measured); an instance's doubt is the mean of 1 - its score, the share of its outline on weak
-boundary, and whether it is fragmented.
+An image's doubt (:func:`version_doubt`) ranks the images of a version: the mean of the percentile
+ranks of three signals (no weights fitted; docs/review.md says how it was measured and which
+signals were chosen on what). An instance's doubt is the mean of 1 - its score, the share of its
+outline on weak boundary, and whether it is fragmented.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 
 SIGNALS = ("low_score", "weak_outline", "cam_outside", "area_mismatch", "count_mismatch", "fragments")
 IGNORE = 255
@@ -91,6 +93,21 @@ def image_signals(semantic: np.ndarray, masks: np.ndarray, scores: np.ndarray, c
     return {name: float(signals[name]) for name in SIGNALS}
 
 
-def image_doubt(signals: dict[str, float]) -> float:
-    """An image's doubt: the mean of its signals."""
-    return float(np.mean([signals[name] for name in SIGNALS]))
+# The signals an image's doubt combines: those that rose with the error on both sets it was
+# measured on (docs/review.md); the others are kept beside it, for a person to read.
+COMBINED = ("low_score", "weak_outline", "cam_outside")
+
+
+def version_doubt(signals: np.ndarray) -> np.ndarray:
+    """Each image's doubt in a version: the mean over :data:`COMBINED` of its signal's percentile
+    rank among the version's images (ties share their mean rank), in [0, 1]. ``signals`` is
+    float [N, len(SIGNALS)] in SIGNALS order; a row with a missing (NaN) signal gets NaN."""
+    signals = np.asarray(signals, np.float64).reshape(-1, len(SIGNALS))
+    out = np.full(len(signals), np.nan)
+    known = ~np.isnan(signals).any(axis=1)
+    n = int(known.sum())
+    if n == 0:
+        return out
+    ranks = [rankdata(signals[known, SIGNALS.index(name)]) for name in COMBINED]
+    out[known] = np.mean([(r - 1) / max(n - 1, 1) for r in ranks], axis=0)
+    return out
