@@ -28,7 +28,8 @@ def _version(root: str) -> tuple[str, list[dict]]:
 def _instance_masks(root: str, version: str, image_id: str) -> dict[int, np.ndarray]:
     labels_dir = layout.labels_dir(root, version)
     (row,) = [r for r in ledger.read_index(labels_dir).to_pylist() if r["image_id"] == image_id]
-    rows = codecs.read_parquet(storage.resolve(row["instances_uri"], labels_dir), filters=[("image_id", "==", image_id)])
+    rows = codecs.read_parquet(storage.resolve(row["instances_uri"], labels_dir),
+                               filters=[("image_id", "==", image_id)])
     return {r["instance_id"]: mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["rle_counts"].encode()})
             .astype(bool) for r in rows.to_pylist()}
 
