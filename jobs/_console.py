@@ -233,6 +233,17 @@ class _Console:
         os.remove(self.path)
 
 
+_active: list[_Console] = []
+
+
 def start(root: str, *, verbose: bool = False) -> None:
-    """Hand the console to the job until it exits (see the module docstring)."""
-    _Console(root, verbose).start()
+    """Hand the console to the job until it exits or :func:`stop` (see the module docstring)."""
+    console = _Console(root, verbose)
+    console.start()
+    _active.append(console)
+
+
+def stop() -> None:
+    """End the job's console now (its log written to the run root), before the job's last write."""
+    while _active:
+        _active.pop().stop()

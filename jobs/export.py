@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from jobs import _cli
 from pipeline import ledger
 from pipeline.config import from_dict
-from pipeline.io import layout, storage
+from pipeline.io import layout, lease, storage
 from pipeline.stages.export import FORMATS, export_version
 from pipeline.tasks import init_ray
 
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     _cli.add_verbose(p)
     args = p.parse_args(argv)
     _cli.console(args.root, verbose=args.verbose)
+    holder = lease.holder(args.root)
+    if holder and not holder["expired"]:  # a published version never changes: exporting it is safe
+        logging.getLogger("irn-ray").info("note: %s is writing to this run root (heartbeat %.0f s ago); "
+                                          "published versions do not change", lease.describe(holder), holder["age"])
     version = args.version or ledger.latest_version(args.root)
     if version is None:
         raise SystemExit(f"{args.root}: no published labels version (labels/LATEST is missing)")

@@ -23,27 +23,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--from-stage", choices=STAGES, help="rerun this stage and all after it")
     p.add_argument("--only", choices=STAGES, action="append", help="run only this stage (repeatable)")
     args = p.parse_args(argv)
-    cfg = _cli.load(args)
-    try:
-        state = run_label(cfg, from_stage=args.from_stage, only=args.only)
-    except QualityGateError as err:
-        logging.getLogger("irn-ray").error("%s", err)
-        raise SystemExit(3) from None
-    root = cfg.run.root
-    print(f"labels: {layout.labels_dir(root, state['last_run']['labels_version'] or '-')}")
-    print(f"report: {storage.join(layout.report_dir(root), 'index.html')}")
-    if storage.exists(layout.metrics_file(root)):
-        metrics = json.loads(storage.read_text(layout.metrics_file(root)))
-        for method, result in [("irnet", metrics["irnet"]), *metrics.get("ablations", {}).items()]:
-            aps = "  ".join(f"AP{int(float(t) * 100)} {v:.3f}" for t, v in result["ap"].items() if v is not None)
-            miou = f"{result['miou']:.3f}" if result["miou"] is not None else "-"
-            print(f"{method:>13}: mIoU {miou}  {aps}")
-        if (metrics.get("cam_classification") or {}).get("images"):
-            cls = metrics["cam_classification"]
-            print(f"CAM classifier mAP on {cls['images']} held-out images: {cls['map']:.3f} (chance {cls['chance']:.3f}, "
-                  f"skill {cam_skill(cls):.2f})")
-    print(f"wall time: {state['last_run']['seconds']:.0f} s")
-    return state
+    with _cli.job(args) as cfg:
+        try:
+            state = run_label(cfg, from_stage=args.from_stage, only=args.only)
+        except QualityGateError as err:
+            logging.getLogger("irn-ray").error("%s", err)
+            raise SystemExit(3) from None
+        root = cfg.run.root
+        print(f"labels: {layout.labels_dir(root, state['last_run']['labels_version'] or '-')}")
+        print(f"report: {storage.join(layout.report_dir(root), 'index.html')}")
+        if storage.exists(layout.metrics_file(root)):
+            metrics = json.loads(storage.read_text(layout.metrics_file(root)))
+            for method, result in [("irnet", metrics["irnet"]), *metrics.get("ablations", {}).items()]:
+                aps = "  ".join(f"AP{int(float(t) * 100)} {v:.3f}" for t, v in result["ap"].items() if v is not None)
+                miou = f"{result['miou']:.3f}" if result["miou"] is not None else "-"
+                print(f"{method:>13}: mIoU {miou}  {aps}")
+            if (metrics.get("cam_classification") or {}).get("images"):
+                cls = metrics["cam_classification"]
+                print(f"CAM classifier mAP on {cls['images']} held-out images: {cls['map']:.3f} (chance {cls['chance']:.3f}, "
+                      f"skill {cam_skill(cls):.2f})")
+        print(f"wall time: {state['last_run']['seconds']:.0f} s")
+        return state
 
 
 if __name__ == "__main__":

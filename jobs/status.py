@@ -12,7 +12,7 @@ import json
 import sys
 
 from pipeline import ledger
-from pipeline.io import layout, storage
+from pipeline.io import layout, lease, storage
 from pipeline.progress import duration, summary_table
 
 STAGES = ("manifest",) + ledger.STAGES
@@ -55,6 +55,11 @@ def describe(root: str) -> str:
         lines.append(f"last complete run: {duration(last.get('seconds'))}, labels version {last.get('labels_version')}")
     elif running:
         lines.append("no run has completed; one is running or was interrupted")
+    holder = lease.holder(root)
+    if holder:
+        state_of = "expired: the next job takes it over" if holder["expired"] else "a job is writing now"
+        lines.append(f"lease: held by {lease.describe(holder)} since {holder['started_at']}, heartbeat "
+                     f"{duration(holder['age'])} ago ({state_of})")
     if storage.exists(layout.run_log(root)):
         lines.append(f"log of the jobs (Ray's lines included): {layout.run_log(root)}")
     return "\n".join(lines)

@@ -10,8 +10,8 @@ from pipeline.orchestrate import run_label
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = _cli.load(_cli.parser(__doc__).parse_args(argv))
-    return run_label(cfg, only=["train_irn"])
+    with _cli.job(_cli.parser(__doc__).parse_args(argv)) as cfg:
+        return run_label(cfg, only=["train_irn"])
 
 
 if __name__ == "__main__":

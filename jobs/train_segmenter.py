@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = _cli.parser(__doc__)
     p.add_argument("--version", help="labels version (default: LATEST)")
     args = p.parse_args(argv)
-    cfg = _cli.load(args)
-    result = run_segmenters(cfg, version=args.version)
+    with _cli.job(args) as cfg:
+        result = run_segmenters(cfg, version=args.version)
     print(f"segmenters on labels {result['version']}, evaluated on {result['evaluated_on']} held-out images:")
     print(f"{'model':<11} {'metric':<8} {'pseudo':>8} {'truth':>8} {'ratio':>7}")
     for model, metric, pseudo, truth, ratio in result["table"]:

@@ -31,29 +31,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--betas", type=float, nargs="+", default=BETAS)
     p.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
     _cli.add_verbose(p)
+    _cli.add_break_lock(p)
     args = p.parse_args(argv)
-    _cli.console(args.root, verbose=args.verbose)
-    state = json.loads(storage.read_text(layout.run_json(args.root)))
-    cfg = from_dict(state["config"])
-    init_ray(cfg)
-    result = tune(cfg, state, max_images=args.max_images, betas=args.betas, thresholds=args.thresholds)
-    print(f"tuned on {result['images']} images with ground truth")
-    if result["semantic"]:
-        print(_table(result["semantic"], ["beta", "sem_bg_threshold", "miou"]))
-    if result["instance"]:
-        print(_table(result["instance"], list(result["instance"][0])))
-    flags = []
-    if "best_semantic" in result:
-        best = result["best_semantic"]
-        flags += [f"--set synthesis.sem_bg_threshold={best['sem_bg_threshold']}"]
-        print(f"best semantic: beta {best['beta']}, sem_bg_threshold {best['sem_bg_threshold']} (mIoU {best['miou']:.3f})")
-    if "best_instance" in result:
-        best = result["best_instance"]
-        flags += [f"--set synthesis.ins_bg_threshold={best['ins_bg_threshold']}", f"--set synthesis.beta={best['beta']}"]
-        print(f"best instance: beta {best['beta']}, ins_bg_threshold {best['ins_bg_threshold']} "
-              f"({', '.join(f'{k} {v:.3f}' for k, v in best.items() if k.startswith('ap'))})")
-    print("to label with them: " + " ".join(flags))
-    return result
+    with _cli.writing(args.root, args):
+        state = json.loads(storage.read_text(layout.run_json(args.root)))
+        cfg = from_dict(state["config"])
+        init_ray(cfg)
+        result = tune(cfg, state, max_images=args.max_images, betas=args.betas, thresholds=args.thresholds)
+        print(f"tuned on {result['images']} images with ground truth")
+        if result["semantic"]:
+            print(_table(result["semantic"], ["beta", "sem_bg_threshold", "miou"]))
+        if result["instance"]:
+            print(_table(result["instance"], list(result["instance"][0])))
+        flags = []
+        if "best_semantic" in result:
+            best = result["best_semantic"]
+            flags += [f"--set synthesis.sem_bg_threshold={best['sem_bg_threshold']}"]
+            print(f"best semantic: beta {best['beta']}, sem_bg_threshold {best['sem_bg_threshold']} (mIoU {best['miou']:.3f})")
+        if "best_instance" in result:
+            best = result["best_instance"]
+            flags += [f"--set synthesis.ins_bg_threshold={best['ins_bg_threshold']}", f"--set synthesis.beta={best['beta']}"]
+            print(f"best instance: beta {best['beta']}, ins_bg_threshold {best['ins_bg_threshold']} "
+                  f"({', '.join(f'{k} {v:.3f}' for k, v in best.items() if k.startswith('ap'))})")
+        print("to label with them: " + " ".join(flags))
+        return result
 
 
 if __name__ == "__main__":

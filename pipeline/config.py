@@ -2,8 +2,9 @@
 
 Every knob of every stage lives in a dataclass below, with the paper's (and the official code's)
 values as defaults. A config is built from YAML (any fsspec URI) plus ``--set section.key=value``
-overrides; an unknown key or a value of the wrong type fails at once with a message that names the
-key and says what would be accepted.
+overrides; an unknown key, a value of the wrong type or one outside its valid range (``RANGES``)
+fails at once with a message that names the key and says what would be accepted. Before any work,
+the jobs also check that every input the config names exists and can be read (``check_inputs``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -65,6 +66,10 @@ class RunConfig:
     # (mAP - chance) / (1 - chance): how far from chance to perfect the classifier got. Measured
     # (docs/trust.md): 0.61 and 0.74 gave labels of mIoU ~0.3, 0.89 and 0.92 gave 0.46-0.52.
     min_cam_skill: float = 0.8
+    # One job per run root: a job holds <root>/_lease.json and renews its heartbeat this often
+    lease_heartbeat_seconds: float = 30.0
+    # a lease without a heartbeat for this long is taken over by the next job (docs/reliability.md)
+    lease_expiry_seconds: float = 600.0
 
 
 @dataclass
@@ -286,6 +291,84 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+class Range(NamedTuple):
+    """The valid values of a numeric key: from ``low`` to ``high`` (None: unbounded), each end
+    included unless it is open; ``why`` explains a bound that is not obvious. A list key's range
+    holds for each element; a key that may be null is valid when null."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    why: str = ""
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        """``> 0``, ``>= 1``, ``in [0, 1]``, ``in (0, 1)`` ..."""
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.open_high else '<='} {self.high:g}"
+        return (f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.open_high else ']'}")
+
+
+POSITIVE = Range(0, open_low=True)  # learning rates, CPUs of a task, kernel widths
+NON_NEGATIVE = Range(0)  # weight decay, GPUs, counts where 0 means none
+AT_LEAST_ONE = Range(1)  # sizes, steps, epochs, workers
+SHARE = Range(0, 1)  # scores, thresholds and fractions
+
+# The valid values of every numeric key (tests/test_config.py checks that none is missing); the
+# configuration reference shows them. Cross-field rules (pairs, multiples) are in _validate.
+RANGES: dict[str, Range] = {
+    "data.max_pixels": AT_LEAST_ONE,
+    "data.held_out_fraction": Range(0, 1, open_high=True, why="1 would hold out every image and train on none"),
+    "run.seed": Range(0, why="NumPy's generators take no negative seed"), "run.shard_rows": AT_LEAST_ONE,
+    "run.io_cpus": POSITIVE, "run.progress_seconds": NON_NEGATIVE, "run.decode_once_max_images": NON_NEGATIVE,
+    "run.min_cam_map": SHARE, "run.min_cam_skill": SHARE,
+    "run.lease_heartbeat_seconds": POSITIVE, "run.lease_expiry_seconds": POSITIVE,
+    "ray.num_cpus": Range(1, why="an embedded Ray without CPUs runs no task"), "ray.num_gpus": NON_NEGATIVE,
+    "train_cam.patience": AT_LEAST_ONE, "train_cam.batch_size": AT_LEAST_ONE, "train_cam.epochs": AT_LEAST_ONE,
+    "train_cam.max_steps": AT_LEAST_ONE, "train_cam.lr": POSITIVE, "train_cam.weight_decay": NON_NEGATIVE,
+    "train_cam.poly_power": NON_NEGATIVE, "train_cam.resize_long": AT_LEAST_ONE, "train_cam.crop_size": AT_LEAST_ONE,
+    "train_cam.num_workers": AT_LEAST_ONE, "train_cam.cpus_per_worker": POSITIVE,
+    "train_cam.max_failures": NON_NEGATIVE,
+    "cams.scales": POSITIVE, "cams.batch_size": AT_LEAST_ONE, "cams.num_actors": AT_LEAST_ONE,
+    "cams.cpus_per_actor": NON_NEGATIVE, "cams.gpus_per_actor": NON_NEGATIVE,
+    "relations.fg_threshold": SHARE, "relations.bg_threshold": SHARE,
+    "relations.crf_gt_prob": Range(0, 1, open_low=True, open_high=True, why="the CRF's unary is its logarithm"),
+    "relations.crf_iterations": NON_NEGATIVE, "relations.crf_gaussian_sxy": POSITIVE,
+    "relations.crf_gaussian_compat": NON_NEGATIVE, "relations.crf_bilateral_sxy": POSITIVE,
+    "relations.crf_bilateral_srgb": POSITIVE, "relations.crf_bilateral_compat": NON_NEGATIVE,
+    "relations.cpus_per_task": POSITIVE, "relations.max_tasks": AT_LEAST_ONE,
+    "train_irn.batch_size": AT_LEAST_ONE, "train_irn.epochs": AT_LEAST_ONE, "train_irn.max_steps": AT_LEAST_ONE,
+    "train_irn.lr": POSITIVE, "train_irn.weight_decay": NON_NEGATIVE, "train_irn.poly_power": NON_NEGATIVE,
+    "train_irn.crop_size": Range(4, why="one stride-4 cell at least"), "train_irn.rescale": POSITIVE,
+    "train_irn.radius": AT_LEAST_ONE, "train_irn.num_workers": AT_LEAST_ONE, "train_irn.cpus_per_worker": POSITIVE,
+    "train_irn.max_failures": NON_NEGATIVE,
+    "synthesis.beta": POSITIVE, "synthesis.steps": AT_LEAST_ONE, "synthesis.radius": AT_LEAST_ONE,
+    "synthesis.sem_bg_threshold": SHARE, "synthesis.ins_bg_threshold": SHARE, "synthesis.cam_bg_threshold": SHARE,
+    "synthesis.centroid_iterations": NON_NEGATIVE, "synthesis.centroid_threshold": POSITIVE,
+    "synthesis.density_sigma": POSITIVE, "synthesis.min_fragment": SHARE, "synthesis.batch_size": AT_LEAST_ONE,
+    "synthesis.num_actors": AT_LEAST_ONE, "synthesis.cpus_per_actor": NON_NEGATIVE,
+    "synthesis.gpus_per_actor": NON_NEGATIVE, "synthesis.cpus_per_task": POSITIVE,
+    "eval.iou_thresholds": Range(0, 1, open_low=True), "eval.num_previews": NON_NEGATIVE,
+    "eval.max_classification_images": NON_NEGATIVE,
+    "segmenter.epochs": AT_LEAST_ONE, "segmenter.max_steps": AT_LEAST_ONE, "segmenter.batch_size": AT_LEAST_ONE,
+    "segmenter.lr": POSITIVE, "segmenter.momentum": Range(0, 1, open_high=True),
+    "segmenter.weight_decay": NON_NEGATIVE, "segmenter.base_size": AT_LEAST_ONE, "segmenter.crop_size": AT_LEAST_ONE,
+    "segmenter.min_size": AT_LEAST_ONE, "segmenter.max_size": AT_LEAST_ONE, "segmenter.rpn_proposals": AT_LEAST_ONE,
+    "segmenter.roi_samples": AT_LEAST_ONE, "segmenter.eval_scales": POSITIVE,
+    "segmenter.mask_threshold": Range(0, 1, open_high=True, why="no mask probability exceeds 1"),
+    "segmenter.max_eval_images": AT_LEAST_ONE, "segmenter.num_workers": AT_LEAST_ONE,
+    "segmenter.cpus_per_worker": POSITIVE, "segmenter.max_failures": NON_NEGATIVE,
+}
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -358,56 +441,62 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _default(key: str) -> str:
+    """The default of ``section.key`` in JSON (``10.0``, ``null``, ``[0.5, 0.7]``)."""
+    section, name = key.split(".")
+    return json.dumps(getattr(getattr(Config(), section), name))
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric key within its RANGES entry (each element of a list key; null passes)."""
+    for key, valid in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        values = value if isinstance(value, list) else [value]
+        for i, item in enumerate(values):
+            if item is None or valid.holds(item):
+                continue
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            why = f" ({valid.why})" if valid.why else ""
+            raise ConfigError(f"{where}: must be {valid}{why}, got {item!r}; set it to a value {valid} "
+                              f"(the default is {_default(key)})")
+
+
 def _validate(cfg: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
-    positive = {
-        "train_cam.batch_size": cfg.train_cam.batch_size, "train_cam.epochs": cfg.train_cam.epochs,
-        "train_cam.crop_size": cfg.train_cam.crop_size, "train_cam.num_workers": cfg.train_cam.num_workers,
-        "train_irn.batch_size": cfg.train_irn.batch_size, "train_irn.epochs": cfg.train_irn.epochs,
-        "train_irn.crop_size": cfg.train_irn.crop_size, "train_irn.num_workers": cfg.train_irn.num_workers,
-        "train_irn.radius": cfg.train_irn.radius, "synthesis.radius": cfg.synthesis.radius,
-        "synthesis.steps": cfg.synthesis.steps, "cams.num_actors": cfg.cams.num_actors,
-        "synthesis.num_actors": cfg.synthesis.num_actors, "data.max_pixels": cfg.data.max_pixels,
-        "cams.batch_size": cfg.cams.batch_size, "synthesis.batch_size": cfg.synthesis.batch_size,
-        "run.shard_rows": cfg.run.shard_rows, "run.io_cpus": cfg.run.io_cpus,
-        "segmenter.epochs": cfg.segmenter.epochs, "segmenter.batch_size": cfg.segmenter.batch_size,
-        "segmenter.rpn_proposals": cfg.segmenter.rpn_proposals, "segmenter.roi_samples": cfg.segmenter.roi_samples,
-        "segmenter.crop_size": cfg.segmenter.crop_size, "segmenter.num_workers": cfg.segmenter.num_workers,
-        "segmenter.max_eval_images": cfg.segmenter.max_eval_images,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
+    """Ranges (:data:`RANGES`), then the cross-field checks that a range alone cannot express."""
+    _check_ranges(cfg)
     if cfg.segmenter.model == "deeplab" and cfg.segmenter.batch_size < 2 * cfg.segmenter.num_workers:
         raise ConfigError(f"segmenter.batch_size: DeepLab's BatchNorm needs at least 2 images per worker; set it to "
                           f">= {2 * cfg.segmenter.num_workers} for segmenter.num_workers={cfg.segmenter.num_workers}")
     for key, pair in (("train_cam.resize_long", cfg.train_cam.resize_long),
                       ("train_irn.rescale", cfg.train_irn.rescale)):
-        if len(pair) != 2 or pair[0] <= 0 or pair[0] > pair[1]:
-            raise ConfigError(f"{key}: expected [low, high] with 0 < low <= high, got {pair}")
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"{key}: expected [low, high] with low <= high, got {pair}")
     if cfg.train_irn.crop_size % 4:
         raise ConfigError(f"train_irn.crop_size: must be a multiple of 4 (relation labels are sampled on the "
                           f"stride-4 grid of the crop), got {cfg.train_irn.crop_size}")
-    if not cfg.cams.scales or any(s <= 0 for s in cfg.cams.scales):
-        raise ConfigError(f"cams.scales: expected a non-empty list of positive scales, got {cfg.cams.scales}")
+    for key, values in (("cams.scales", cfg.cams.scales), ("segmenter.eval_scales", cfg.segmenter.eval_scales),
+                        ("eval.iou_thresholds", cfg.eval.iou_thresholds)):
+        if not values:
+            raise ConfigError(f"{key}: expected a non-empty list, got []; the default is {_default(key)}")
+    if cfg.relations.bg_threshold > cfg.relations.fg_threshold:
+        raise ConfigError(f"relations.bg_threshold: must be <= relations.fg_threshold ({cfg.relations.fg_threshold}: "
+                          f"confident background uses the lower background score), got {cfg.relations.bg_threshold}; "
+                          f"lower it or raise relations.fg_threshold")
     if len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError(f"data.classes: class names must be unique, got {cfg.data.classes}")
-    for key, value in (("relations.fg_threshold", cfg.relations.fg_threshold),
-                       ("relations.bg_threshold", cfg.relations.bg_threshold),
-                       ("relations.crf_gt_prob", cfg.relations.crf_gt_prob),
-                       ("synthesis.min_fragment", cfg.synthesis.min_fragment),
-                       ("run.min_cam_map", cfg.run.min_cam_map), ("run.min_cam_skill", cfg.run.min_cam_skill),
-                       ("data.held_out_fraction", cfg.data.held_out_fraction)):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
-    if cfg.synthesis.density_sigma <= 0:
-        raise ConfigError(f"synthesis.density_sigma: must be > 0 grid cells (1.0 is the default), "
-                          f"got {cfg.synthesis.density_sigma}")
+    if cfg.train_cam.backbone_init == "cam":
+        raise ConfigError("train_cam.backbone_init: 'cam' is the CAM network itself; use imagenet, none or a "
+                          "weights file URI")
     if cfg.cams.source and cfg.train_irn.backbone_init == "cam":
         raise ConfigError("train_irn.backbone_init: 'cam' takes the CAM network's backbone, but cams.source "
                           "replaces the CAM network; use imagenet, none or a weights file URI")
     if not cfg.run.root:
         raise ConfigError("run.root: must name a directory or URI for the outputs")
+    if cfg.run.lease_expiry_seconds <= 2 * cfg.run.lease_heartbeat_seconds:
+        raise ConfigError(f"run.lease_expiry_seconds: must exceed twice run.lease_heartbeat_seconds "
+                          f"({cfg.run.lease_heartbeat_seconds}), or a live job's lease could expire between two "
+                          f"heartbeats; got {cfg.run.lease_expiry_seconds}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -442,19 +531,69 @@ def from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -> Confi
     return cfg
 
 
+WEIGHTS_KEYWORDS = ("none", "imagenet", "cam")  # backbone_init values that are not a weights file
+
+# What each input must be, and what a message proposes instead.
+_INPUTS = {
+    "data.manifest": ("file", "a Parquet, CSV or JSON Lines manifest (docs/inputs.md)"),
+    "cams.source": ("folder", "a folder of <image_id>.npz CAMs (docs/trust.md), or '' to compute the CAMs"),
+    "train_cam.use_model": ("file", "a trained CAM network's file, or '' to train one"),
+    "train_irn.use_model": ("file", "a trained IRNet's file, or '' to train one"),
+    "train_cam.backbone_init": ("file", "imagenet, none or a weights file"),
+    "train_irn.backbone_init": ("file", "imagenet, cam, none or a weights file"),
+    "segmenter.backbone_init": ("file", "imagenet, cam, none or a weights file"),
+}
+
+
+def inputs(cfg: Config) -> list[tuple[str, str]]:
+    """(``section.key``, path or URI) of every input ``cfg`` names: data.manifest, cams.source, the
+    use_model files and the backbone weights files, those that are set."""
+    named = [("data.manifest", cfg.data.manifest), ("cams.source", cfg.cams.source),
+             ("train_cam.use_model", cfg.train_cam.use_model), ("train_irn.use_model", cfg.train_irn.use_model)]
+    named += [(f"{name}.backbone_init", section.backbone_init)
+              for name, section in (("train_cam", cfg.train_cam), ("train_irn", cfg.train_irn),
+                                    ("segmenter", cfg.segmenter))
+              if section.backbone_init not in WEIGHTS_KEYWORDS]
+    return [(key, uri) for key, uri in named if uri]
+
+
+def _unreadable(uri: str, kind: str) -> str:
+    """Why ``uri`` cannot be read as a ``kind`` ('file' or 'folder'); '' when it can."""
+    try:
+        if not storage.exists(uri):
+            return "does not exist"
+        if storage.is_dir(uri) != (kind == "folder"):
+            return f"is a {'file' if kind == 'folder' else 'folder'}, not a {kind}"
+        if kind == "file":
+            with storage.open_input(uri):
+                pass
+    except Exception as err:  # no permission, no credentials, an unknown scheme: the run could not read it either
+        return f"cannot be read ({type(err).__name__}: {err})"
+    return ""
+
+
+def check_inputs(cfg: Config) -> None:
+    """Raise ConfigError naming the first input of ``cfg`` the run could not read: data.manifest
+    unset, or a file or folder (:func:`inputs`) missing, of the other kind or unreadable. It only
+    looks (and opens each file); the jobs call it before any work."""
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest: not set; set it in the YAML or with --set data.manifest=PATH_OR_URI")
+    for key, uri in inputs(cfg):
+        kind, instead = _INPUTS[key]
+        problem = _unreadable(uri, kind)
+        if problem:
+            raise ConfigError(f"{key}: {uri} {problem}; set {key} to {instead}")
+
+
 def resolve_local_paths(cfg: Config) -> Config:
     """Make relative local paths absolute: Ray workers run in other working directories."""
     def absolute(value: str) -> str:
-        return value if not value or "://" in value or os.path.isabs(value) else os.path.abspath(value)
+        return value if "://" in value or os.path.isabs(value) else os.path.abspath(value)
 
     cfg.run.root = absolute(cfg.run.root)
-    cfg.data.manifest = absolute(cfg.data.manifest)
-    cfg.train_cam.use_model = absolute(cfg.train_cam.use_model)
-    cfg.cams.source = absolute(cfg.cams.source)
-    cfg.train_irn.use_model = absolute(cfg.train_irn.use_model)
-    for section in (cfg.train_cam, cfg.train_irn, cfg.segmenter):
-        if section.backbone_init not in ("none", "imagenet", "cam"):
-            section.backbone_init = absolute(section.backbone_init)
+    for key, uri in inputs(cfg):
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, absolute(uri))
     return cfg
 
 

@@ -3,7 +3,8 @@
 The comments in config.py are the one source of what a key means: for every field of every
 section of :class:`pipeline.config.Config`, the comment lines right above it and the trailing
 ``# comment`` on its line(s), joined; each section's docstring introduces its table. Types are
-the annotations as written, defaults the values a fresh ``Config()`` holds (YAML spelling).
+the annotations as written, defaults the values a fresh ``Config()`` holds (YAML spelling), valid
+values the ranges of ``config.RANGES``.
 
     python -m pipeline.config_reference            # rewrite docs/configuration.md (make docs)
     python -m pipeline.config_reference --check    # exit 1 when the file is stale or a key undocumented
@@ -34,11 +35,13 @@ COMMAND = "make docs  (or: python -m pipeline.config_reference)"
 
 
 class KeyDoc(NamedTuple):
-    """One ``section.key``: its annotation as written, its default in YAML, its comment text."""
+    """One ``section.key``: its annotation as written, its default in YAML, its valid range
+    (``> 0``, ``each in [0, 1]``; '' without one), its comment text."""
 
     key: str
     type: str
     default: str
+    valid: str
     doc: str
 
 
@@ -88,6 +91,14 @@ def _default_text(value: Any) -> str:
     return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
 
 
+def _valid_text(key: str, kind: str) -> str:
+    """The range of ``key`` in config.RANGES (for a list, of each element); '' without one."""
+    valid = config_module.RANGES.get(key)
+    if valid is None:
+        return ""
+    return f"each {valid}" if kind.startswith("list[") else str(valid)
+
+
 def sections(source: str | None = None) -> list[SectionDoc]:
     """Every section of Config, read from the source of pipeline/config.py (``source`` overrides it,
     for tests); defaults come from the imported module's ``Config()``."""
@@ -106,8 +117,8 @@ def sections(source: str | None = None) -> list[SectionDoc]:
             if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
                 name = item.target.id
                 value = getattr(getattr(defaults, section), name, None)
-                keys.append(KeyDoc(f"{section}.{name}", _type_text(item.annotation), _default_text(value),
-                                   _field_doc(item, comments)))
+                key, kind = f"{section}.{name}", _type_text(item.annotation)
+                keys.append(KeyDoc(key, kind, _default_text(value), _valid_text(key, kind), _field_doc(item, comments)))
         out.append(SectionDoc(section, inspect.cleandoc(ast.get_docstring(cls) or ""), keys))
     return out
 
@@ -134,14 +145,17 @@ def render(docs: list[SectionDoc]) -> str:
              "", intro, "",
              "Every key below is `section.key`: set it in the YAML file under its section, or on the command "
              "line as `--set section.key=value` (the value is YAML: `true`, `0.5`, `[a, b]`). Defaults are "
-             "the paper's setting; `configs/demo.yaml` shrinks them for a CPU.", ""]
+             "the paper's setting; `configs/demo.yaml` shrinks them for a CPU. A job given a value outside "
+             "its valid range, or an input that does not exist, stops before it starts, with one line "
+             "`configuration error: section.key: ...` and exit status 2.", ""]
     lines += ["Sections: " + ", ".join(f"[`{s.name}`](#{s.name})" for s in docs) + ".", ""]
     for section in docs:
         lines += [f"## {section.name}", "", section.intro, "",
-                  "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+                  "| key | type | default | valid | meaning |", "| --- | --- | --- | --- | --- |"]
         for key in section.keys:
             kind, default = _cell(key.type, code=True), _cell(key.default, code=True)
-            lines.append(f"| `{key.key}` | `{kind}` | `{default}` | {_cell(key.doc)} |")
+            valid = f"`{_cell(key.valid, code=True)}`" if key.valid else ""
+            lines.append(f"| `{key.key}` | `{kind}` | `{default}` | {valid} | {_cell(key.doc)} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -37,7 +37,7 @@ def _run_stage(run: ledger.Run, name: str) -> None:
     """Run one stage body; record status, counts and timing in run.json."""
     if not run.selected(name):
         return
-    t0 = time.perf_counter()
+    t0, retries = time.perf_counter(), tasks.storage_retries()
     run.state.update_stage(name, status="running")
     log.info("stage %s: started", name)
     try:
@@ -47,6 +47,9 @@ def _run_stage(run: ledger.Run, name: str) -> None:
         raise
     seconds = round(time.perf_counter() - t0, 2)
     status = "skipped" if counts.pop("_skipped", False) else "done"
+    retried = tasks.storage_retries() - retries
+    if retried:
+        counts["storage_retries"] = retried  # transient storage errors this stage survived
     run.state.update_stage(name, status=status, seconds=seconds, counts=counts)
     log.info("stage %s: %s in %.1fs (%s)", name, status, seconds, counts_text(counts))
 

@@ -57,11 +57,47 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+RETRY_COUNTER = "irn-ray-storage-retries"  # the named actor that counts storage retries of the job
+_counters: dict = {}  # the driver's handle per Ray job: an actor lives as long as a handle to it
+
+
+class _RetryCounter:
+    def __init__(self):
+        self.count = 0
+
+    def add(self) -> None:
+        self.count += 1
+
+    def total(self) -> int:
+        return self.count
+
+
+def _count_retry(operation: str, uri: str, err: BaseException) -> None:
+    """storage.on_retry listener: one more retry for the job's count (fire and forget)."""
+    import ray
+
+    try:
+        ray.get_actor(RETRY_COUNTER).add.remote()
+    except Exception:  # noqa: BLE001 - no counter (a process outside a job): the debug log has it
+        pass
+
+
+def storage_retries() -> int:
+    """Storage calls retried so far by this job, in every process (0 without a counter)."""
+    import ray
+
+    try:
+        return ray.get(ray.get_actor(RETRY_COUNTER).total.remote())
+    except ValueError:
+        return 0
+
+
 def _worker_setup() -> None:
     """Worker setup hook: Ray's lines quiet, ours (INFO and above) marked as ours
     (progress.WORKER_LINE_FORMAT), so the driver can show them on the console and leave Ray's to
-    run.log."""
+    run.log; storage retries counted for the job."""
     _quiet_ray()
+    storage.on_retry(_count_retry)
     handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter(WORKER_LINE_FORMAT))
     for name in OUR_LOGGERS:
@@ -99,6 +135,12 @@ def init_ray(cfg: Config) -> None:
             log.info("joining the Ray cluster at %s", address)
             ray.init(address=address, runtime_env={"worker_process_setup_hook": _worker_setup})
     _quiet_ray()
+    if ray.is_initialized():
+        job = ray.get_runtime_context().get_job_id()
+        if job not in _counters:
+            _counters[job] = ray.remote(num_cpus=0)(_RetryCounter).options(name=RETRY_COUNTER,
+                                                                          get_if_exists=True).remote()
+    storage.on_retry(_count_retry)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

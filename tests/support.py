@@ -102,3 +102,87 @@ def assert_same_outputs(actual: dict[str, dict], expected: dict[str, dict]) -> N
                 assert np.array_equal(got[key], value), f"{image_id}: {key} differs"
             else:
                 assert got[key] == value, f"{image_id}: {key} differs"
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server (moto) that fails a share of the requests,
+    at random but seeded: answered 503 SlowDown or 500 InternalError without reaching the server, or
+    forwarded and then dropped before the response (a PUT that succeeded but whose answer was lost).
+    ``failure_rate`` may be changed while it runs (1.0: every request fails)."""
+
+    ERRORS = ((503, "SlowDown", "Please reduce your request rate."),
+              (500, "InternalError", "We encountered an internal error. Please try again."))
+
+    def __init__(self, upstream_port: int, *, failure_rate: float, seed: int):
+        import http.server
+        import random
+        import threading
+
+        self.upstream, self.failure_rate = upstream_port, failure_rate
+        self.rng, self.lock = random.Random(seed), threading.Lock()
+        self.counts = {"forwarded": 0, "503": 0, "500": 0, "dropped": 0}
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy.lock:
+                    fault = proxy.rng.random() < proxy.failure_rate
+                    kind = proxy.rng.randrange(3)
+                if fault and kind < 2:
+                    status, code, message = proxy.ERRORS[kind]
+                    proxy.counts[str(status)] += 1
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                               f"<Message>{message}</Message></Error>").encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                status, headers, payload = proxy._forward(self.command, self.path, self.headers, body)
+                if fault:  # the server did the work; its answer is lost
+                    proxy.counts["dropped"] += 1
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                proxy.counts["forwarded"] += 1
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                length = dict((k.lower(), v) for k, v in headers).get("content-length", "0")
+                self.send_header("Content-Length", length if self.command == "HEAD" else str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _forward(self, method: str, path: str, headers, body: bytes | None):
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=60)
+        try:
+            connection.request(method, path, body=body, headers={k: v for k, v in headers.items()
+                                                                 if k.lower() != "connection"})
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

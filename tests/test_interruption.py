@@ -1,4 +1,6 @@
-"""Interruption: jobs.label killed mid-stage (SIGKILL, then SIGTERM) resumes and ends like an uninterrupted run.
+"""Interruption: jobs.label killed mid-stage (SIGKILL, then SIGTERM) resumes and ends like an uninterrupted run;
+the run root's lease keeps the next job out until the killed one's lease expires, and a SIGTERMed
+job gives it back.
 
 The reference is the session's labelled run of the hostile data set (tests/conftest.py). Each
 interrupted run starts from its exported networks (``run.retrain=never``), so every later stage
@@ -19,10 +21,11 @@ from pathlib import Path
 import pytest
 from support import assert_same_outputs, copy_models, label_outputs, label_versions
 
-from pipeline.io import layout, storage
+from pipeline.io import layout, lease, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+LEASE_EXPIRY = 8  # seconds without a heartbeat before the next job takes the lease over
 
 
 def _args(labelled: dict, root: str) -> list[str]:
@@ -31,6 +34,7 @@ def _args(labelled: dict, root: str) -> list[str]:
     the labels (evaluation and report add nothing here)."""
     args = [a if not a.startswith("run.root=") else f"run.root={root}" for a in labelled["args"]]
     return args + ["--set", "run.retrain=never", "--set", "relations.max_tasks=1", "--set", "run.shard_rows=2",
+                   "--set", f"run.lease_expiry_seconds={LEASE_EXPIRY}", "--set", "run.lease_heartbeat_seconds=1",
                    "--only", "cams", "--only", "synthesis", "--only", "publish"]
 
 
@@ -88,8 +92,18 @@ def test_sigkill_during_crf_mining_then_sigterm_during_synthesis_resume_to_the_s
     copy_models(labelled["root"], root)
     args = _args(labelled, root)
     cam_shards = _interrupt_when(_start(args), layout.cams_dir(root), signal.SIGKILL)
+    killed = time.time()
 
-    # Second run: it resumes the CAM stage mid-way, then is stopped while it labels.
+    # The killed job's lease holds until it expires: a job started now stops at once, writing nothing.
+    blocked = _start(args)
+    output, _ = blocked.communicate(timeout=120)
+    assert blocked.returncode == 4, output[-3000:]
+    assert output.strip().startswith("run root locked: held by jobs.label") and len(output.strip().splitlines()) == 1
+    assert time.time() - killed < LEASE_EXPIRY, "the blocked job took longer than the lease's expiry"
+    time.sleep(max(0.0, killed + LEASE_EXPIRY + 1 - time.time()))
+
+    # Second run: it takes the expired lease over, resumes the CAM stage mid-way, then is stopped
+    # while it labels.
     job = _start(args)
     deadline = time.time() + 300
     while not label_versions(root) and time.time() < deadline:  # the version appears with its first PNG
@@ -97,6 +111,8 @@ def test_sigkill_during_crf_mining_then_sigterm_during_synthesis_resume_to_the_s
         time.sleep(0.05)
     version = label_versions(root)[0]
     label_shards = _interrupt_when(job, storage.join(layout.labels_dir(root, version), "images"), signal.SIGTERM)
+    assert lease.holder(root) is None  # SIGTERM gave the lease back
+    assert "took over the expired lease of jobs.label" in storage.read_text(layout.run_log(root))
     state = json.loads(storage.read_text(layout.run_json(root)))
     counts = state["stages"]["cams"]["counts"]
     assert 0 < counts["skipped"] < _images(labelled), counts  # the killed stage resumed mid-way
@@ -113,4 +129,26 @@ def test_sigkill_during_crf_mining_then_sigterm_during_synthesis_resume_to_the_s
     assert counts["skipped"] + counts.get("done", 0) == labelled_images, counts
     for uri, mtime in {**cam_shards, **label_shards}.items():  # shards finished before a signal stay
         assert os.stat(uri).st_mtime_ns == mtime, uri
+    assert_same_outputs(label_outputs(root), labelled["outputs"])
+
+
+def test_two_jobs_started_at_once_on_one_root_one_runs_and_the_other_stops(labelled, tmp_path):
+    """Two jobs.label on one root at the same moment: exactly one takes the lease and labels; the
+    other exits 4 within seconds with one line; the labels are those of one uninterrupted run."""
+    root = str(tmp_path / "twice")
+    copy_models(labelled["root"], root)
+    args = _args(labelled, root)
+    started = time.time()
+    jobs = [_start(args), _start(args)]
+    while all(job.poll() is None for job in jobs):
+        assert time.time() - started < 120, "neither job stopped"
+        time.sleep(0.1)
+    first = next(job for job in jobs if job.poll() is not None)
+    output = first.stdout.read()
+    assert first.returncode == 4, output[-3000:]
+    assert output.strip().startswith("run root locked: held by jobs.label") and len(output.strip().splitlines()) == 1
+    assert time.time() - started < 60
+    other = jobs[1 - jobs.index(first)]
+    rest, _ = other.communicate(timeout=600)
+    assert other.returncode == 0, rest[-4000:]
     assert_same_outputs(label_outputs(root), labelled["outputs"])

@@ -1,4 +1,5 @@
-"""The whole job against S3: a moto server on 127.0.0.1 plays the object store.
+"""The whole job against S3: a moto server on 127.0.0.1 plays the object store, behind a proxy
+that fails a share of the requests (tests/support.FaultProxy).
 
 jobs.label runs in a subprocess (its own embedded Ray) whose environment carries the endpoint and
 test credentials, exactly as a user's shell would; the credentials must appear in no output.
@@ -12,10 +13,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from support import assert_same_outputs, copy_models, free_port, label_outputs, wait_for_port
+from support import FaultProxy, assert_same_outputs, copy_models, free_port, label_outputs, wait_for_port
 
 from jobs import label
 from pipeline.data.synthetic import write_synthetic_set
@@ -39,15 +41,40 @@ def s3_env():
 
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                      aws_secret_access_key=SECRET, region_name="us-east-1").create_bucket(Bucket="irn")
-        yield env
+        yield {**env, "_port": str(port)}
     finally:
         server.terminate()
         server.wait(timeout=10)
 
 
+def _environment(env: dict[str, str], **extra: str) -> dict[str, str]:
+    return {**os.environ, **{k: v for k, v in env.items() if not k.startswith("_")}, "PYTHONPATH": str(ROOT), **extra}
+
+
 def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+                          env=_environment(env))
+
+
+def _s3(env: dict[str, str]):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=SECRET, region_name="us-east-1")
+
+
+def _object(env: dict[str, str], key: str) -> bytes | None:
+    try:
+        return _s3(env).get_object(Bucket="irn", Key=key)["Body"].read()
+    except Exception as err:  # noqa: BLE001 - NoSuchKey
+        if "NoSuchKey" in type(err).__name__ or "NoSuchKey" in str(err):
+            return None
+        raise
+
+
+def _label(args: list[str], env: dict[str, str], **extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.label", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_environment(env, **extra))
 
 
 def _assert_no_credentials(data: bytes, where) -> None:
@@ -68,20 +95,39 @@ def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, l
                   f"(({irn!r}, 's3://irn/run/models/irn/model.pt'), ({irn + '.json'!r}, 's3://irn/run/models/irn/model.pt.json'))]",
                   s3_env)
     assert placed.returncode == 0, placed.stderr[-3000:]
+    # Every tenth request to S3 fails (503 SlowDown, 500 InternalError, or its answer is dropped
+    # after the server acted): the job retries its way through and ends like a run without faults.
+    proxy = FaultProxy(int(s3_env["_port"]), failure_rate=0.10, seed=7)
+    faulty = {**s3_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    args = ["--config", "configs/tiny.yaml", "--set", f"data.manifest={manifest}", "--set", "run.root=s3://irn/run",
+            "--set", "run.retrain=never"]
     ray_tmp = tempfile.mkdtemp(prefix="irns3", dir="/tmp")  # the job's Ray logs, to search (short: socket paths)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "jobs.label", "--config", "configs/tiny.yaml", "--set", f"data.manifest={manifest}",
-             "--set", "run.root=s3://irn/run", "--set", "run.retrain=never"],
-            cwd=ROOT, capture_output=True, text=True, timeout=900,
-            env={**os.environ, **s3_env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp})
-        assert done.returncode == 0, done.stderr[-4000:]
-        _assert_no_credentials(done.stdout.encode() + done.stderr.encode(), "job output")
+        job = _label(args, faulty, RAY_TMPDIR=ray_tmp)
+        # A second job on the same root while the first holds the lease stops at once, writing nothing.
+        deadline = time.time() + 120
+        while _object(s3_env, "run/_lease.json") is None:
+            assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+            time.sleep(0.2)
+        started = time.time()
+        second = subprocess.run([sys.executable, "-m", "jobs.label", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env=_environment(s3_env))
+        assert second.returncode == 4, second.stderr[-3000:]
+        assert second.stderr.strip().startswith("run root locked: held by jobs.label")
+        assert len(second.stderr.strip().splitlines()) == 1 and time.time() - started < 30
+        stdout, stderr = job.communicate(timeout=900)
+        assert job.returncode == 0, stderr[-4000:]
+        _assert_no_credentials(stdout.encode() + stderr.encode(), "job output")
         for path in Path(ray_tmp).rglob("*"):  # Ray's own logs of the job's workers and raylet
             if path.is_file():
                 _assert_no_credentials(path.read_bytes(), path)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    faults = proxy.counts["503"] + proxy.counts["500"] + proxy.counts["dropped"]
+    assert faults >= 20, proxy.counts
+    assert _object(s3_env, "run/_lease.json") is None  # released: the job's last write
+    retried = json.loads(_object(s3_env, "run/run.json"))["stages"]
+    assert sum(info.get("counts", {}).get("storage_retries", 0) for info in retried.values()) > 0
 
     # Everything the job wrote to the bucket, downloaded for inspection.
     copy = tmp_path / "from-s3"
@@ -109,3 +155,41 @@ def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, l
     label.main(["--config", "configs/tiny.yaml", "--set", f"data.manifest={local_manifest}",
                 "--set", f"run.root={local_root}", "--set", "run.retrain=never"])
     assert_same_outputs(label_outputs(local_root), s3_outputs)
+
+    # Storage down: from the moment synthesis begins a version every request fails. The job ends well within
+    # the minute, in one line naming the storage error; LATEST still names the version above; the
+    # lease could not be released, so the rerun waits for its expiry, takes it over and resumes the
+    # unfinished version, whose labels are those above.
+    latest = _object(s3_env, "run/labels/LATEST")
+    short = ["--set", "run.lease_expiry_seconds=5", "--set", "run.lease_heartbeat_seconds=1"]
+    proxy.failure_rate = 0.0
+    job = _label(args + short + ["--from-stage", "synthesis"], faulty, IRN_STORAGE_RETRIES="4,0.2,1")
+    deadline = time.time() + 300
+    while not json.loads(_object(s3_env, "run/run.json"))["labels"].get("pending"):  # synthesis began a version
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proxy.failure_rate, down = 1.0, time.time()
+    try:
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        proxy.failure_rate = 0.0
+    assert job.returncode == 5, stderr[-4000:]
+    assert time.time() - down < 60
+    assert "storage unavailable after 4 attempts: " in stderr and "Traceback" not in stderr, stderr[-4000:]
+    assert _object(s3_env, "run/labels/LATEST") == latest
+    pending = json.loads(_object(s3_env, "run/run.json"))["labels"]["pending"]
+    assert pending and pending["name"] != latest.decode().strip()
+    time.sleep(6)  # the dead job's lease expires
+    rerun = subprocess.run([sys.executable, "-m", "jobs.label", *args, *short], cwd=ROOT, capture_output=True,
+                           text=True, timeout=900, env=_environment(faulty))
+    proxy.close()
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "took over the expired lease of jobs.label" in rerun.stderr
+    state = json.loads(_object(s3_env, "run/run.json"))
+    assert state["stages"]["synthesis"]["counts"]["version"] == pending["name"]  # resumed, not restarted
+    assert _object(s3_env, "run/labels/LATEST").decode().strip() == pending["name"]
+    copy = tmp_path / "from-s3-after-outage"
+    fetched = _run(f"from pipeline.io import storage; fs, path = storage.filesystem('s3://irn/run'); "
+                   f"fs.get(path, {str(copy)!r}, recursive=True)", s3_env)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    assert_same_outputs(label_outputs(str(copy)), s3_outputs)

@@ -30,6 +30,11 @@ def probe_dir(root: str) -> str:
     return join(root, "probe")
 
 
+def lease_file(root: str) -> str:
+    """Who writes to the run root now (pipeline.io.lease): one job at a time."""
+    return join(root, "_lease.json")
+
+
 def run_log(root: str) -> str:
     """Everything a command-line job logged, Ray's lines included (jobs._console)."""
     return join(root, "run.log")

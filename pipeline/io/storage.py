@@ -7,19 +7,120 @@ themselves; nothing here accepts, stores or logs a credential. Log messages name
 Writes are atomic. A local file is written under a temporary name in the same directory and then
 renamed over the target (``os.replace``); an object store commits a PUT (or a completed multipart
 upload) in one step, so a reader never sees a half-written object there either.
+
+One retry policy covers every call here (reads, writes, listings, deletes, copies and the reads of
+an open file): on throttling (503 SlowDown), server errors (500, 503) and dropped or timed-out
+connections it retries with bounded exponential backoff and full jitter (:data:`RETRY`); an error
+that retrying cannot change (403, 404, a precondition) is raised at once. Every retry is logged at
+debug level and reported to the listeners of :func:`on_retry` (the job counts them per stage in
+run.json). botocore's and s3fs's own retries are turned off, so this is the only policy. Writes
+stay idempotent under retry: a retried PUT writes the same bytes to the same name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
 import io
+import logging
 import os
 import posixpath
+import random
+import tempfile
+import time
 import uuid
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------- retry policy
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8  # tries of one call, the first included
+    base_seconds: float = 0.25  # the n-th wait is uniform in [0, min(cap, base * 2^n)] (full jitter)
+    cap_seconds: float = 8.0
+
+
+# IRN_STORAGE_RETRIES=attempts[,base[,cap]] overrides the policy (the fault tests shorten it).
+_ENV = [float(v) for v in os.environ.get("IRN_STORAGE_RETRIES", "").split(",") if v]
+RETRY = RetryPolicy(*([int(_ENV[0])] + _ENV[1:3])) if _ENV else RetryPolicy()
+_listeners: list[Callable[[str, str, BaseException], None]] = []
+# Exceptions of the HTTP stacks under s3fs that mean the connection failed, by class name (so this
+# module needs neither botocore nor aiohttp to be importable).
+_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                      "ConnectTimeoutError", "HTTPClientError", "ClientPayloadError", "ServerDisconnectedError",
+                      "ClientOSError", "ClientConnectorError", "IncompleteRead", "ResponseParserError",
+                      "FSTimeoutError", "ProtocolError", "ResponseStreamingError"}
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNABORTED, errno.EPIPE}
+# s3fs names the S3 error code in its message when it maps it to a generic OSError.
+_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl")
+
+
+def transient(err: BaseException) -> bool:
+    """Whether retrying ``err`` may succeed: throttling, 5xx, a dropped or timed-out connection."""
+    if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if any(cls.__name__ in _CONNECTION_ERRORS for cls in type(err).__mro__):
+        return True
+    if isinstance(err, OSError):
+        return err.errno in _TRANSIENT_ERRNOS or any(code in str(err) for code in _TRANSIENT_CODES)
+    return False
+
+
+def on_retry(listener: Callable[[str, str, BaseException], None]) -> None:
+    """Call ``listener(operation, uri, error)`` on every retry (in this process), once."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def retrying(operation: str, uri: str, call: Callable[[], T], policy: RetryPolicy | None = None) -> T:
+    """``call()``, retried by the policy while it fails with a :func:`transient` error."""
+    policy = policy or RETRY
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - classified below; the last or a lasting one is raised
+            if attempt == policy.attempts - 1 or not transient(err):
+                raise
+            wait = random.uniform(0, min(policy.cap_seconds, policy.base_seconds * 2 ** attempt))
+            log.debug("storage: %s %s failed (%s: %s); retry %d of %d in %.2fs", operation, uri, type(err).__name__,
+                      err, attempt + 1, policy.attempts - 1, wait)
+            for listener in _listeners:
+                listener(operation, uri, err)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _retried(operation: str):
+    """Decorator: the whole call, by URI (its first argument), under the retry policy."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(uri, *args, **kwargs):
+            return retrying(operation, str(uri), lambda: fn(uri, *args, **kwargs))
+
+        return call
+
+    return wrap
+
+
+# Object-store clients do not retry on their own (botocore here, s3fs in filesystem()): the
+# policy above is the only one.
+fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {}).setdefault(
+    "retries", {"mode": "standard", "total_max_attempts": 1})
 
 _IO_LOG = os.environ.get("IRN_IO_LOG")  # benchmarks: every read, write and listing, one line each
 
@@ -33,7 +134,25 @@ def _log(op: str, uri: str) -> None:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a local path or any fsspec URI."""
     fs, path = fsspec.core.url_to_fs(uri)
+    if hasattr(fs, "retries"):  # s3fs's own retry loop (a class attribute): one try, RETRY decides
+        fs.retries = 1
     return fs, path
+
+
+def retrying_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """:func:`filesystem` for a client this module does not wrap (Ray Train's checkpoint I/O goes
+    through pyarrow): an object store's own retries are left on, botocore's standard mode
+    (exponential backoff with jitter on throttling, 5xx and connection errors) with as many
+    attempts as :data:`RETRY`."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return fs, path
+    options = {**fs.storage_options,
+               "config_kwargs": {**fs.storage_options.get("config_kwargs", {}),
+                                 "retries": {"mode": "standard", "total_max_attempts": RETRY.attempts}}}
+    checkpoint_fs = type(fs)(**options)
+    checkpoint_fs.retries = RETRY.attempts
+    return checkpoint_fs, path
 
 
 def is_local(uri: str) -> bool:
@@ -66,12 +185,22 @@ def resolve(uri: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, uri))
 
 
+@_retried("exists")
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)  # other processes (Ray workers) write here: never trust a cached listing
     return fs.exists(path)
 
 
+@_retried("exists")
+def is_dir(uri: str) -> bool:
+    """Whether ``uri`` is a directory (on an object store: a prefix with objects under it)."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # see exists()
+    return fs.isdir(path)
+
+
+@_retried("read")
 def read_bytes(uri: str) -> bytes:
     """Whole content of a file; FileNotFoundError if missing."""
     _log("read", uri)
@@ -84,6 +213,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+@_retried("write")
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically, creating parent directories as needed."""
     fs, path = filesystem(uri)
@@ -100,17 +230,20 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+@_retried("remove")
 def remove(uri: str, *, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
 
 
+@_retried("makedirs")
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     fs.makedirs(path, exist_ok=True)
 
 
+@_retried("list")
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Sorted URIs of the files directly under ``uri`` ending in ``suffix``; [] if it doesn't exist.
 
@@ -134,6 +267,7 @@ def iter_files(uri: str, suffix: str = "") -> Iterator[str]:
         yield name if local else fs.unstrip_protocol(name)
 
 
+@_retried("list")
 def list_dirs(uri: str) -> list[str]:
     """Sorted URIs of the directories directly under ``uri``; [] if it doesn't exist."""
     fs, path = filesystem(uri)
@@ -166,8 +300,8 @@ def remove_temp_files(directory: str) -> int:
 def open_output(uri: str) -> Iterator[io.BufferedIOBase]:
     """A binary file to stream a large output into; it appears at ``uri`` whole, on success only.
 
-    Locally a temporary file renamed over the target; on object stores a multipart upload that
-    completes on close (an upload abandoned by an error is never completed, so nothing appears).
+    Locally a temporary file renamed over the target; for an object store the output is spooled to
+    a local temporary file and then uploaded (one PUT or multipart upload, retried as a whole).
     """
     _log("write", uri)
     fs, path = filesystem(uri)
@@ -185,22 +319,68 @@ def open_output(uri: str) -> Iterator[io.BufferedIOBase]:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        f = fs.open(path, "wb")
-        try:
+        with tempfile.NamedTemporaryFile(prefix="irn-upload-") as f:
             yield f
-        except BaseException:
-            f.discard()  # abort the multipart upload
-            raise
-        f.close()
+            f.flush()
+            retrying("write", uri, lambda: fs.put_file(f.name, path))
+
+
+class _RetryingFile(io.RawIOBase):
+    """A remote file whose reads are retried by the policy (a failed range read leaves the
+    position where it was, so it can be asked again)."""
+
+    def __init__(self, f, uri: str):
+        self._f, self._uri = f, uri
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        position = self._f.tell()
+
+        def read() -> bytes:
+            self._f.seek(position)
+            return self._f.read(size)
+
+        return retrying("read", self._uri, read)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    @property
+    def size(self) -> int:
+        return self._f.size
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def open_input(uri: str) -> io.BufferedIOBase:
-    """A readable binary file object (for streaming readers such as torch.load)."""
+    """A readable binary file object (for streaming readers such as torch.load and Parquet's range
+    reads); on an object store its reads are retried by the policy."""
     _log("read", uri)
     fs, path = filesystem(uri)
-    return fs.open(path, "rb")
+    if isinstance(fs, LocalFileSystem):
+        return fs.open(path, "rb")
+    return _RetryingFile(retrying("open", uri, lambda: fs.open(path, "rb")), uri)
 
 
+@_retried("copy")
 def copy(source: str, target: str) -> None:
     """Copy one file; server-side on object stores (one atomic CopyObject), atomic locally."""
     fs, src = filesystem(source)
@@ -209,3 +389,87 @@ def copy(source: str, target: str) -> None:
         write_bytes(target, read_bytes(source))
     else:
         fs.copy(src, dst)
+
+
+# ------------------------------------------------------------------- conditional writes (leases)
+
+
+def version_tag(data: bytes) -> str:
+    """What :func:`read_versioned` and :func:`replace_if` compare: the content's MD5, which is the
+    ETag S3 gives an object written in one PUT."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+@_retried("create")
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there: True when this call created it.
+    Locally a hard link of a complete temporary file (atomic, fails if the target exists); on S3
+    a conditional PUT (``If-None-Match: *``)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+
+
+@_retried("read")
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """(content, tag) of ``uri``, or None when it does not exist."""
+    try:
+        data = read_bytes.__wrapped__(uri)
+    except FileNotFoundError:
+        return None
+    return data, version_tag(data)
+
+
+@_retried("replace")
+def replace_if(uri: str, data: bytes, tag: str) -> bool:
+    """Replace ``uri`` with ``data`` only if its content still has ``tag`` (compare and swap):
+    True when replaced. Locally under an exclusive ``fcntl`` lock of ``<uri>.lock``; on S3 a
+    conditional PUT (``If-Match`` on the ETag)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        with open(path + ".lock", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as f:
+                    if version_tag(f.read()) != tag:
+                        return False
+            except FileNotFoundError:
+                return False
+            write_bytes.__wrapped__(uri, data)
+            return True
+    try:
+        fs.pipe_file(path, data, IfMatch=f'"{tag}"')
+        return True
+    except (FileNotFoundError, OSError) as err:
+        if isinstance(err, FileNotFoundError) or err.errno == errno.EINVAL:  # 404, 412 Precondition Failed
+            return False
+        raise
+
+
+@_retried("remove")
+def remove_if(uri: str, tag: str) -> bool:
+    """Delete ``uri`` if its content still has ``tag``: True when this call deleted it."""
+    current = read_versioned.__wrapped__(uri)
+    if current is None or current[1] != tag:
+        return False
+    fs, path = filesystem(uri)
+    fs.rm(path)
+    return True

@@ -19,7 +19,12 @@ import pyarrow.compute as pc
 
 from pipeline import ledger, tasks
 from pipeline.config import Config
-from pipeline.data.manifest import MANIFEST_SCHEMA, row_from_record, iter_manifest_records, manifest_format
+from pipeline.data.manifest import (
+    MANIFEST_SCHEMA,
+    iter_manifest_records,
+    manifest_format,
+    row_from_record,
+)
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
 

@@ -242,7 +242,7 @@ def run_trainer(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], da
         # stack, one credential chain), wrapped for Ray Train's pyarrow interface.
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        fs, storage_path = storage.filesystem(storage_path)
+        fs, storage_path = storage.retrying_filesystem(storage_path)
         storage_filesystem = PyFileSystem(FSSpecHandler(fs))
     resources = {"CPU": cpus_per_worker}
     trainer = TorchTrainer(
