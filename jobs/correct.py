@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> str:
     if not storage.exists(layout.run_json(args.root)):
         raise SystemExit(f"{args.root}: no labelling run here (no run.json)")
     classes = json.loads(storage.read_text(layout.run_json(args.root)))["manifest"]["classes"]
+    try:  # read only: checked whole before the lease is taken and anything is written
+        corrected = read_corrections(args.root, args.source, classes)
+    except CorrectionError as err:
+        print(f"correction error: {args.source}: {err}; nothing was stored", file=sys.stderr)
+        raise SystemExit(2) from None
     with _cli.writing(args.root, args):
-        try:
-            corrected = read_corrections(args.root, args.source, classes)
-        except CorrectionError as err:
-            print(f"correction error: {args.source}: {err}; nothing was stored", file=sys.stderr)
-            raise SystemExit(2) from None
         name = store_corrections(args.root, corrected, note=args.note, source=args.source)
         logging.getLogger("irn-ray").info("stored %d corrected image(s) as %s", len(corrected),
                                           layout.correction_dir(args.root, name))

@@ -176,7 +176,7 @@ def read_voc(folder: str, known: dict[str, str], vocabulary: Vocabulary, size_of
             masks.append(mask)
             classes.append(int(values[counts.argmax()]))
         corrected = _compose(image_id, height, width, masks, classes)
-        corrected.semantic = np.where(semantic == IGNORE, IGNORE, corrected.semantic).astype(np.uint8)
+        corrected.semantic = semantic.astype(np.uint8)  # the person's class map, as drawn
         out.append(corrected)
     if not out:
         raise CorrectionError(f"{folder}: no SegmentationClass/*.png")
