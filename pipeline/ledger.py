@@ -96,10 +96,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
+from pipeline.algorithms import doubt
 from pipeline.config import Config
 from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage
-from pipeline.io.tables import join_rows, read_shards
+from pipeline.io.tables import conform, join_rows, read_shards
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -628,9 +629,12 @@ def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, curren
     if own.num_rows:  # a batch retried after a lost result may have committed an image twice
         last = pa.table({"image_id": own.column("image_id"), "__row": pa.array(np.arange(own.num_rows))})
         own = own.take(last.group_by("image_id").aggregate([("__row", "max")]).column("__row_max"))
-    table = pa.concat_tables([reused.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA),
-                              own.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)])
-    return table.sort_by("image_id")
+    table = pa.concat_tables([conform(reused, INDEX_SCHEMA), conform(own, INDEX_SCHEMA)]).sort_by("image_id")
+    signals = np.stack([table.column(f"doubt_{name}").to_numpy(zero_copy_only=False).astype(np.float64)
+                        for name in doubt.SIGNALS], axis=1) if table.num_rows else np.zeros((0, len(doubt.SIGNALS)))
+    ranked = doubt.version_doubt(signals)
+    return table.set_column(table.schema.get_field_index("doubt"), "doubt",
+                            pa.array(ranked, pa.float32(), mask=np.isnan(ranked)))
 
 
 # ------------------------------------------------------------------------------ labels schemas
@@ -644,11 +648,15 @@ INDEX_SCHEMA = pa.schema([
     ("width", pa.int32()), ("class_ids", pa.list_(pa.int32())), ("num_instances", pa.int32()),
     ("semantic_uri", pa.string()), ("instance_uri", pa.string()), ("instances_uri", pa.string()),
     ("fg_fraction", pa.float32()), ("cam_fraction", pa.float32()),
+    # How much to doubt the image's labels (pipeline.algorithms.doubt): each signal, and their
+    # combination ranked within the version (null in rows labelled before doubt existed).
+    *[(f"doubt_{name}", pa.float32()) for name in doubt.SIGNALS], ("doubt", pa.float32()),
 ])
 INSTANCE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("instance_id", pa.int32()), ("class_id", pa.int32()),
     ("score", pa.float32()), ("area", pa.int64()), ("bbox", pa.list_(pa.float32(), 4)),
     ("rle_counts", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
+    ("doubt", pa.float32()),  # pipeline.algorithms.doubt.instance_doubt
 ])
 
 
@@ -673,7 +681,7 @@ def labelled_rows(labels_dir: str) -> pa.Table:
     uris = storage.list_files(storage.join(labels_dir, "images"), ".parquet")
     if not uris:
         return INDEX_SCHEMA.empty_table()
-    return pa.concat_tables([codecs.read_parquet(u).cast(INDEX_SCHEMA) for u in uris])
+    return pa.concat_tables([conform(codecs.read_parquet(u), INDEX_SCHEMA) for u in uris])
 
 
 def read_index(labels_dir: str, columns: list[str] | None = None) -> pa.Table:

@@ -59,3 +59,12 @@ def _with_columns(table: pa.Table, columns: dict[str, Any]) -> pa.Table:
     for name, values in columns.items():
         table = table.append_column(name, values)
     return table
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in its order and types; a column the table
+    lacks (rows written before it existed) is null."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)

@@ -11,13 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import ledger, plan, tasks
+from pipeline.algorithms import doubt
 from pipeline.data.images import read_inputs, read_label
 from pipeline.data.transforms import normalize
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.models.store import load_trained
 from pipeline.report.colours import displacement_scale
-from pipeline.report.html import format_value, overlay_previews, render_report, write_report
+from pipeline.report.html import (
+    format_value,
+    overlay_previews,
+    render_report,
+    write_report,
+)
 from pipeline.stages.cams import read_cam_rows
+from pipeline.stages.review import ranking
 from pipeline.train.cam import cam_skill
 
 log = logging.getLogger(__name__)
@@ -165,6 +172,21 @@ def _segmenter_rows(rows: list[list[Any]]) -> list[list[str]]:
              format_value(ratio, "ratio")] for model, metric, pseudo, truth, ratio in rows]
 
 
+def most_in_doubt(labels_dir: str, count: int) -> dict[str, Any] | None:
+    """The report's table of the ``count`` images most in doubt (pipeline.algorithms.doubt), or
+    None for a version labelled before doubt existed."""
+    rows = [r for r in ranking(labels_dir)[:count] if r["doubt"] is not None]
+    if not rows:
+        return None
+    return {"title": "Most in doubt (python -m jobs.review sends these for correction)",
+            "header": ["image", "doubt", *doubt.COMBINED],
+            "rows": [[r["image_id"], format_value(r["doubt"], "ratio"),
+                      *(format_value(r[f"doubt_{name}"], "percent") for name in doubt.COMBINED)] for r in rows],
+            "notes": ["doubt: the mean of the signals' percentile ranks in this version (0 least, 1 most in doubt); "
+                      "low_score: 1 - the mean instance score; weak_outline: share of the outlines where IRNet sees "
+                      "no boundary; cam_outside: share of the strong CAM area labelled background"]}
+
+
 def build_report(run) -> dict[str, Any]:
     """Write ``report/index.html`` unless it is current for this labels version and metrics."""
     t0 = time.perf_counter()
@@ -196,6 +218,9 @@ def build_report(run) -> dict[str, Any]:
                        "rows": _segmenter_rows(comparison_rows(segmenters)),
                        "notes": [f"evaluated on the held-out images with ground truth; trained on "
                                  f"{v.get('train_images')} images ({k})" for k, v in sorted(segmenters.items())]})
+    doubted = most_in_doubt(layout.labels_dir(run.root, version), run.cfg.eval.num_previews)
+    if doubted:
+        tables.append(doubted)
     previews = make_previews(run, version, run.cfg.eval.num_previews)
     html_text = render_report(
         title=f"irn-ray labels {version}", summary=overview,

@@ -22,6 +22,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from pipeline import ledger, plan, tasks
+from pipeline.algorithms import doubt
 from pipeline.algorithms import synthesis as algo
 from pipeline.config import Config, SynthesisConfig
 from pipeline.data.images import read_inputs, unreadable_reason
@@ -75,8 +76,9 @@ def instance_id_map(masks: np.ndarray, scores: np.ndarray, image_size: tuple[int
     return ids
 
 
-def instance_rows(image_id: str, masks: np.ndarray, classes: np.ndarray, scores: np.ndarray) -> list[dict]:
-    """One COCO-style record per instance: RLE, area, bbox [x, y, w, h], score."""
+def instance_rows(image_id: str, masks: np.ndarray, classes: np.ndarray, scores: np.ndarray,
+                  doubts: np.ndarray | None = None) -> list[dict]:
+    """One COCO-style record per instance: RLE, area, bbox [x, y, w, h], score, doubt."""
     rows = []
     for i, mask in enumerate(masks):
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -84,7 +86,8 @@ def instance_rows(image_id: str, masks: np.ndarray, classes: np.ndarray, scores:
                      "score": float(scores[i]), "area": int(mask_utils.area(rle)),
                      "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                      "rle_counts": rle["counts"].decode("ascii"),
-                     "height": int(mask.shape[0]), "width": int(mask.shape[1])})
+                     "height": int(mask.shape[0]), "width": int(mask.shape[1]),
+                     "doubt": None if doubts is None else float(doubts[i])})
     return rows
 
 
@@ -198,11 +201,15 @@ def label_and_write(batch: dict[str, np.ndarray], *, labels_dir: str, method: st
             continue
         foreground = (semantic != 0) & (semantic != 255)
         cam_area = float((cams.max(axis=0) > section.cam_bg_threshold).mean()) if len(cams) else 0.0
+        grid = None if boundary is None else boundary.float().cpu().numpy()
+        signals = doubt.image_signals(semantic, masks, scores, cams, class_ids, grid)
+        instance_doubts, _, _ = doubt.instance_doubt(masks, scores, grid)
         rows[i] = json.dumps(({"image_id": image_id, "key": str(batch["label_key"][i]), "uri": str(batch["uri"][i]),
                     "height": size[0], "width": size[1], "class_ids": class_ids, "num_instances": len(masks),
                     "semantic_uri": f"semantic/{image_id}.png", "instance_uri": f"instance/{image_id}.png",
-                    "instances_uri": None, "fg_fraction": float(foreground.mean()), "cam_fraction": cam_area},
-                   instance_rows(image_id, masks, classes, scores)))
+                    "instances_uri": None, "fg_fraction": float(foreground.mean()), "cam_fraction": cam_area,
+                    **{f"doubt_{name}": value for name, value in signals.items()}},
+                   instance_rows(image_id, masks, classes, scores, instance_doubts)))
     return {"image_id": batch["image_id"], "uri": batch["uri"], "label_key": batch["label_key"],
             "labels": np.array([r or "" for r in rows], dtype=object), "error": np.array(errors, dtype=object)}
 

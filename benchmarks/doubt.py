@@ -1,0 +1,101 @@
+"""How well doubt ranks the labels of a finished run by their error against the ground truth.
+
+    python benchmarks/doubt.py --root runs/demo
+
+For every labelled image with ground truth: the doubt signals (pipeline.algorithms.doubt, with
+IRNet's boundary map recomputed from the run's network, so a run labelled before doubt existed
+can be measured), the images' doubt ranked among them, and each image's error 1 - mean IoU (over
+the classes in its labels or its ground truth). Prints Spearman's rank
+correlation of the error with the doubt and with each signal alone. Measures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import ledger, plan  # noqa: E402
+from pipeline.algorithms import doubt  # noqa: E402
+from pipeline.data.images import read_inputs, read_label  # noqa: E402
+from pipeline.io import codecs, layout, storage  # noqa: E402
+from pipeline.models.store import load_trained  # noqa: E402
+from pipeline.stages.cams import read_cam_rows  # noqa: E402
+from pipeline.stages.evaluate import decode_instances  # noqa: E402
+from pipeline.stages.synthesis import padded_input  # noqa: E402
+
+
+def image_error(pred: np.ndarray, gt: np.ndarray) -> float:
+    """1 - mean IoU over the classes (background included) present in either map."""
+    valid = gt != 255
+    ious = []
+    for c in np.union1d(np.unique(pred[valid]), np.unique(gt[valid])):
+        p, g = (pred == c) & valid, (gt == c) & valid
+        ious.append((p & g).sum() / max((p | g).sum(), 1))
+    return 1.0 - float(np.mean(ious))
+
+
+def measure(root: str) -> dict:
+    state = json.loads(storage.read_text(layout.run_json(root)))
+    version = ledger.latest_version(root)
+    labels_dir = layout.labels_dir(root, version)
+    manifest_dir = layout.manifest_dir(root, state["manifest"]["stamp"])
+    config = state["config"]
+    index = ledger.read_index(labels_dir).to_pylist()
+    gt = {r["image_id"]: r for r in plan.read_manifest(manifest_dir, ["image_id", "gt_semantic_uri"]).to_pylist()}
+    cams_key = state["stages"]["cams"]["key"]
+    current = plan.current_cams(root, manifest_dir, state["manifest"]["classes"], cams_key)
+    shard_of = dict(zip(current.column("image_id").to_pylist(), current.column("cam_shard").to_pylist()))
+    instances: dict[str, list] = {}
+    for uri in sorted({storage.resolve(r["instances_uri"], labels_dir) for r in index}):
+        for row in codecs.read_parquet(uri).to_pylist():
+            instances.setdefault(row["image_id"], []).append(row)
+    irn = load_trained(root, "irn") if storage.exists(layout.model_file(root, "irn")) else None
+    rows = []
+    for row in index:
+        image_id = row["image_id"]
+        if not gt.get(image_id, {}).get("gt_semantic_uri") or image_id not in shard_of:
+            continue
+        semantic = read_label(storage.resolve(row["semantic_uri"], labels_dir))
+        (cam_row,) = read_cam_rows(storage.join(layout.cams_dir(root), shard_of[image_id]), [image_id])
+        size = semantic.shape
+        masks, _, scores = decode_instances(sorted(instances.get(image_id, []), key=lambda r: r["instance_id"]), size)
+        boundary = None
+        if irn is not None:
+            image, _ = read_inputs(row["uri"], max_pixels=config["data"]["max_pixels"])
+            x = torch.from_numpy(padded_input(image, config["train_irn"]["crop_size"]))[None]
+            with torch.no_grad():
+                boundary = irn.infer_padded(x, [size])[0].boundary.numpy()
+        signals = doubt.image_signals(semantic, masks, scores, cam_row["cams"], list(cam_row["class_ids"]), boundary)
+        rows.append({"image_id": image_id, **signals,
+                     "error": image_error(semantic, read_label(gt[image_id]["gt_semantic_uri"]))})
+    ranked = doubt.version_doubt(np.array([[r[name] for name in doubt.SIGNALS] for r in rows]))
+    for row, value in zip(rows, ranked):
+        row["doubt"] = float(value)
+    error = [r["error"] for r in rows]
+    correlations = {name: float(spearmanr([r[name] for r in rows], error).statistic)
+                    for name in ("doubt",) + doubt.SIGNALS}
+    return {"images": len(rows), "spearman": correlations, "rows": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, action="append", help="run root of a finished run (repeatable)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    for root in args.root:
+        result = measure(root)
+        print(f"{root}: {result['images']} images with ground truth; Spearman rank correlation with 1 - mIoU")
+        for name, value in result["spearman"].items():
+            print(f"  {name:<15} {value:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
