@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator, NoReturn
 
@@ -100,6 +101,12 @@ def writing(root: str, args: argparse.Namespace, *, expiry_seconds: float = 600.
         if _outage(err) is None:
             raise
         logging.getLogger("irn-ray").error("%s", _storage_down(_outage(err)))
+        if _console.started_as_job():
+            # Storage is down: giving the lease back, appending run.log and a tidy Ray shutdown
+            # (whose actors may be retrying a model load) cannot finish; the lease expires.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(STORAGE_DOWN)
         raise SystemExit(STORAGE_DOWN) from None
     finally:
         taken.stop_heartbeat()  # the job is ending: a slow shutdown must not look like a lost lease
