@@ -99,6 +99,15 @@ def quarantine_dir(root: str) -> str:
     return join(root, "quarantine")
 
 
+def corrections_root(root: str) -> str:
+    """Human corrections of labels (pipeline.stages.corrections), one directory each, never rewritten."""
+    return join(root, "corrections")
+
+
+def correction_dir(root: str, name: str) -> str:
+    return join(root, "corrections", name)
+
+
 def report_dir(root: str) -> str:
     return join(root, "report")
 

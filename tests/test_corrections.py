@@ -1,0 +1,121 @@
+"""jobs.correct on a copy of the session's labelled run: a corrected COCO file (as jobs.review
+writes it, edited) or VOC folder is validated whole and stored immutably; the newest correction
+of an image wins; a bad file is refused in one line with nothing stored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs import correct, export, review
+from pipeline import ledger
+from pipeline.io import codecs, layout, storage
+from pipeline.stages.corrections import current_corrections
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def run_root(labelled, tmp_path):
+    """A copy of the labelled run (its models and checkpoints left out): corrections are written here."""
+    root = tmp_path / "run"
+    shutil.copytree(labelled["root"], root, ignore=shutil.ignore_patterns("models"))
+    return str(root)
+
+
+def _stored(root: str) -> list[str]:
+    return storage.list_dirs(layout.corrections_root(root))
+
+
+def _png(uri: str) -> np.ndarray:
+    return codecs.decode_label_png(storage.read_bytes(uri))
+
+
+def test_a_reviewed_and_edited_coco_file_is_stored_and_the_newest_correction_wins(run_root, tmp_path):
+    review.main(["--root", run_root, "--worst", "3", "--out", str(tmp_path / "review")])
+    document = json.loads((tmp_path / "review" / "annotations.json").read_text())
+    first, second, third = document["images"]
+    # The annotator deletes one instance of the first image and every instance of the third.
+    dropped = next(a["id"] for a in document["annotations"] if a["image_id"] == first["id"])
+    document["annotations"] = [a for a in document["annotations"]
+                               if a["id"] != dropped and a["image_id"] != third["id"]]
+    (tmp_path / "fixed.json").write_text(json.dumps(document))
+    name = correct.main(["--root", run_root, "--from", str(tmp_path / "fixed.json"), "--note", "first pass"])
+    table = current_corrections(run_root).to_pylist()
+    by_id = {r["image_id"]: r for r in table}
+    ids = [im["file_name"].rsplit(".", 1)[0] for im in (first, second, third)]
+    assert sorted(by_id) == sorted(ids) and all(r["note"] == "first pass" for r in table)
+    assert not _png(by_id[ids[2]]["semantic_uri"]).any()  # no instance left: background
+    assert by_id[ids[2]]["num_instances"] == 0
+    kept = [a for a in document["annotations"] if a["image_id"] == first["id"]]
+    assert by_id[ids[0]]["num_instances"] == len(kept)
+    instance = _png(by_id[ids[1]]["instance_uri"])
+    assert instance.max() == by_id[ids[1]]["num_instances"] == sum(a["image_id"] == second["id"]
+                                                                    for a in document["annotations"])
+    # A second correction gives the third image one square: it replaces the first correction for
+    # that image only.
+    height, width = third["height"], third["width"]
+    square = [2, 2, 10, 2, 10, 10, 2, 10]
+    redo = {"images": [third], "categories": document["categories"],
+            "annotations": [{"id": 1, "image_id": third["id"], "category_id": 1, "segmentation": [square]}]}
+    (tmp_path / "redo.json").write_text(json.dumps(redo))
+    later = correct.main(["--root", run_root, "--from", str(tmp_path / "redo.json")])
+    assert later > name and len(_stored(run_root)) == 2
+    by_id = {r["image_id"]: r for r in current_corrections(run_root).to_pylist()}
+    assert by_id[ids[2]]["num_instances"] == 1 and by_id[ids[0]]["note"] == "first pass"
+    semantic = _png(by_id[ids[2]]["semantic_uri"])
+    assert semantic.shape == (height, width) and semantic[2:10, 2:10].all() and semantic.sum() == 64
+
+
+def test_a_voc_folder_is_taken_as_it_is(run_root, tmp_path):
+    export.main(["--root", run_root, "--format", "voc", "--out", str(tmp_path / "voc")])
+    correct.main(["--root", run_root, "--from", str(tmp_path / "voc")])
+    version = ledger.latest_version(run_root)
+    labels_dir = layout.labels_dir(run_root, version)
+    index = {r["image_id"]: r for r in ledger.read_index(labels_dir).to_pylist()}
+    stored = current_corrections(run_root).to_pylist()
+    assert sorted(r["image_id"] for r in stored) == sorted(index)
+    for row in stored:
+        labels = _png(storage.resolve(index[row["image_id"]]["semantic_uri"], labels_dir))
+        assert np.array_equal(_png(row["semantic_uri"]), labels)
+        assert row["num_instances"] == index[row["image_id"]]["num_instances"]
+
+
+def _refused(root: str, source: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "jobs.correct", "--root", root, "--from", str(source)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("correction error: ") and lines[0].endswith("nothing was stored")
+    assert not _stored(root)
+    return lines[0]
+
+
+def test_bad_correction_files_are_refused_in_one_line_with_nothing_stored(run_root, tmp_path):
+    review.main(["--root", run_root, "--worst", "1", "--out", str(tmp_path / "review")])
+    good = json.loads((tmp_path / "review" / "annotations.json").read_text())
+    (image,) = good["images"]
+
+    def variant(name: str, document) -> Path:
+        path = tmp_path / name
+        path.write_text(document if isinstance(document, str) else json.dumps(document))
+        return path
+
+    text = json.dumps(good)
+    assert "not a JSON document" in _refused(run_root, variant("truncated.json", text[: len(text) // 2]))
+    unknown = {**good, "images": [{**image, "file_name": "no-such-image.png"}]}
+    assert "'no-such-image.png' is not in the run's manifest" in _refused(run_root, variant("id.json", unknown))
+    alien = {**good, "categories": [{"id": 1, "name": "unicorn"}]}
+    assert "category 'unicorn'" in _refused(run_root, variant("class.json", alien))
+    outside = [image["width"] + 5, 0, image["width"] + 9, 0, image["width"] + 9, 4]
+    off = {**good, "annotations": [{"id": 7, "image_id": image["id"], "category_id": 1, "segmentation": [outside]}]}
+    assert "annotation 7" in _refused(run_root, variant("off.json", off))
+    sized = {**good, "images": [{**image, "width": image["width"] + 1}]}
+    assert "the image is" in _refused(run_root, variant("size.json", sized))
