@@ -117,12 +117,15 @@ class Lease:
             found = storage.read_versioned(self.uri)
             if found is None:
                 continue
-            record = {**json.loads(found[0]), "age": 0.0}
+            record = json.loads(found[0])
+            if record["token"] == self.token:  # ours: the create succeeded, its answer was lost and retried
+                self.tag = found[1]
+                break
             record["age"] = _now() - record["heartbeat"]
             if not (break_lock or record["age"] > record["expiry_seconds"]):
                 raise LeaseHeld(held_line(self.root, record))
             data = self._record()
-            if storage.replace_if(self.uri, data, found[1]):
+            if storage.replace_if(self.uri, data, found[1]) or self._is_ours(data):
                 self.tag = storage.version_tag(data)
                 self.took_over = (f"run root {self.root}: {'broke' if break_lock else 'took over the expired'} lease "
                                   f"of {describe(record)} (heartbeat {_age(record['age'])} ago)")
@@ -137,7 +140,7 @@ class Lease:
         while not self._stop.wait(self.interval):
             data = self._record()
             try:
-                if not storage.replace_if(self.uri, data, self.tag):
+                if not storage.replace_if(self.uri, data, self.tag) and not self._is_ours(data):
                     found = storage.read_versioned(self.uri)
                     other = describe(json.loads(found[0])) if found else "nobody (the lease file is gone)"
                     self._lost(f"lease of run root {self.root} lost: it is held by {other}; stopping this job")
@@ -148,6 +151,12 @@ class Lease:
                 if _now() - last_written > self.expiry * 0.9:
                     self._storage_down(err, _now() - last_written)
                     return
+
+    def _is_ours(self, data: bytes) -> bool:
+        """Whether the lease file holds ``data``: a swap that succeeded, whose answer was lost, and
+        whose retry then failed its precondition."""
+        found = storage.read_versioned(self.uri)
+        return found is not None and found[1] == storage.version_tag(data)
 
     def _storage_down(self, err: BaseException, age: float) -> None:
         """Storage has refused the heartbeat for 90% of the expiry: another job may take the lease
