@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -27,6 +28,30 @@ def wait_for_port(port: int, *, timeout: float, process: subprocess.Popen | None
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str, secret: str):
+    """A moto S3 server on a free loopback port with ``bucket``; yields the environment that
+    reaches it (endpoint and test credentials, as a user's shell would hold them) and its port
+    as ``_port``."""
+    import sys
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "irn-test-key",
+           "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        wait_for_port(port, timeout=30, process=server)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=secret, region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield {**env, "_port": str(port)}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def label_versions(root: str) -> list[str]:

@@ -7,13 +7,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from support import FaultProxy, free_port, wait_for_port
+from support import FaultProxy, moto_s3
 
 from pipeline.io import layout, lease, storage
 
@@ -21,27 +19,17 @@ from pipeline.io import layout, lease, storage
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server with bucket ``lease``, reached through this process's environment."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "irn-test-key",
-           "AWS_SECRET_ACCESS_KEY": "irn-test-secret", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        wait_for_port(port, timeout=30, process=server)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="lease")
-        yield port
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.terminate()
-        server.wait(timeout=10)
+    with moto_s3("lease", "irn-test-secret") as env:
+        saved = {k: os.environ.get(k) for k in env if not k.startswith("_")}
+        os.environ.update({k: v for k, v in env.items() if not k.startswith("_")})
+        try:
+            yield int(env["_port"])
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import FaultProxy, assert_same_outputs, copy_models, free_port, label_outputs, wait_for_port
+from support import FaultProxy, assert_same_outputs, copy_models, label_outputs, moto_s3
 
 from jobs import label
 from pipeline.data.synthetic import write_synthetic_set
@@ -30,21 +30,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def s3_env():
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "irn-test-key",
-           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        wait_for_port(port, timeout=30, process=server)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=SECRET, region_name="us-east-1").create_bucket(Bucket="irn")
-        yield {**env, "_port": str(port)}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with moto_s3("irn", SECRET) as env:
+        yield env
 
 
 def _environment(env: dict[str, str], **extra: str) -> dict[str, str]:
