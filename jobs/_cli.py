@@ -19,7 +19,7 @@ from typing import Iterator, NoReturn
 from jobs import _console
 from pipeline.config import Config, ConfigError, check_inputs, load_config
 from pipeline.data.manifest import manifest_format
-from pipeline.io import lease, storage
+from pipeline.io import lease, retry, storage
 
 LOCKED = 4  # exit status: another job holds the run root's lease
 STORAGE_DOWN = 5  # exit status: storage kept failing after every retry
@@ -40,7 +40,7 @@ def _storage_down(err: BaseException) -> str:
     """One line for a storage error that outlasted the retries (a worker's error: its last line)."""
     lines = [line for line in str(err).splitlines() if line.strip()]
     detail = (lines[-1] if lines else str(err)).rstrip(".")
-    return (f"storage unavailable after {storage.RETRY.attempts} attempts: {type(err).__name__}: {detail}. "
+    return (f"storage unavailable after {retry.RETRY.attempts} attempts: {type(err).__name__}: {detail}. "
             "LATEST is unchanged by this run's unfinished work; rerun to resume")
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from support import FaultProxy, moto_s3
 
-from pipeline.io import layout, lease, storage
+from pipeline.io import layout, lease, retry, storage
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_a_second_job_is_refused_until_the_first_releases_or_its_lease_expires(t
 
 
 def test_the_retry_policy_retries_what_can_change_and_nothing_else(monkeypatch):
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retry.time, "sleep", lambda s: None)
     seen = []
     storage.on_retry(lambda op, uri, err: seen.append((op, type(err).__name__)))
     calls = {"n": 0}
@@ -138,7 +138,7 @@ def test_storage_calls_survive_a_faulty_s3(s3, tmp_path, monkeypatch):
     writes, reads, range reads, listings, copies and deletes still do exactly what they should."""
     proxy = FaultProxy(s3, failure_rate=0.25, seed=3)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=12, base_seconds=0.01, cap_seconds=0.05))
+    monkeypatch.setattr(retry, "RETRY", retry.RetryPolicy(attempts=12, base_seconds=0.01, cap_seconds=0.05))
     try:
         import fsspec
 

@@ -34,7 +34,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline.io import layout, storage
+from pipeline.io import layout, retry, storage
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Lease:
         detail = str(err).strip().splitlines()[-1].rstrip(".") if str(err).strip() else type(err).__name__
         log.error("storage unavailable after %d attempts: %s: %s; the lease of %s has not been renewed for %s, "
                   "so this job stops. LATEST is unchanged by this run's unfinished work; rerun to resume",
-                  storage.RETRY.attempts, type(err).__name__, detail, self.root, _age(age))
+                  retry.RETRY.attempts, type(err).__name__, detail, self.root, _age(age))
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(5)

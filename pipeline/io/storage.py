@@ -9,7 +9,7 @@ renamed over the target (``os.replace``); an object store commits a PUT (or a co
 upload) in one step, so a reader never sees a half-written object there either.
 
 One retry policy covers every call here (reads, writes, listings, deletes, copies and the reads of
-an open file): on throttling (503 SlowDown), server errors (500, 503) and dropped or timed-out
+an open file; pipeline.io.retry): on throttling (503 SlowDown), 5xx and dropped or timed-out
 connections it retries with bounded exponential backoff and full jitter (:data:`RETRY`); an error
 that retrying cannot change (403, 404, a precondition) is raised at once. Every retry is logged at
 debug level and reported to the listeners of :func:`on_retry` (the job counts them per stage in
@@ -22,100 +22,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import hashlib
 import io
 import logging
 import os
 import posixpath
-import random
 import tempfile
-import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Iterator, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.io.retry import RETRY, RetryPolicy, on_retry, retried, retrying, transient  # noqa: F401 - the storage API
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# ---------------------------------------------------------------------------------- retry policy
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 8  # tries of one call, the first included
-    base_seconds: float = 0.25  # the n-th wait is uniform in [0, min(cap, base * 2^n)] (full jitter)
-    cap_seconds: float = 8.0
-
-
-# IRN_STORAGE_RETRIES=attempts[,base[,cap]] overrides the policy (the fault tests shorten it).
-_ENV = [float(v) for v in os.environ.get("IRN_STORAGE_RETRIES", "").split(",") if v]
-RETRY = RetryPolicy(*([int(_ENV[0])] + _ENV[1:3])) if _ENV else RetryPolicy()
-_listeners: list[Callable[[str, str, BaseException], None]] = []
-# Exceptions of the HTTP stacks under s3fs that mean the connection failed, by class name (so this
-# module needs neither botocore nor aiohttp to be importable).
-_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-                      "ConnectTimeoutError", "HTTPClientError", "ClientPayloadError", "ServerDisconnectedError",
-                      "ClientOSError", "ClientConnectorError", "IncompleteRead", "ResponseParserError",
-                      "FSTimeoutError", "ProtocolError", "ResponseStreamingError"}
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
-                     errno.ECONNABORTED, errno.EPIPE}
-# s3fs names the S3 error code in its message when it maps it to a generic OSError.
-_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl")
-
-
-def transient(err: BaseException) -> bool:
-    """Whether retrying ``err`` may succeed: throttling, 5xx, a dropped or timed-out connection."""
-    if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    if any(cls.__name__ in _CONNECTION_ERRORS for cls in type(err).__mro__):
-        return True
-    if isinstance(err, OSError):
-        return err.errno in _TRANSIENT_ERRNOS or any(code in str(err) for code in _TRANSIENT_CODES)
-    return False
-
-
-def on_retry(listener: Callable[[str, str, BaseException], None]) -> None:
-    """Call ``listener(operation, uri, error)`` on every retry (in this process), once."""
-    if listener not in _listeners:
-        _listeners.append(listener)
-
-
-def retrying(operation: str, uri: str, call: Callable[[], T], policy: RetryPolicy | None = None) -> T:
-    """``call()``, retried by the policy while it fails with a :func:`transient` error."""
-    policy = policy or RETRY
-    for attempt in range(policy.attempts):
-        try:
-            return call()
-        except Exception as err:  # noqa: BLE001 - classified below; the last or a lasting one is raised
-            if attempt == policy.attempts - 1 or not transient(err):
-                raise
-            wait = random.uniform(0, min(policy.cap_seconds, policy.base_seconds * 2 ** attempt))
-            log.debug("storage: %s %s failed (%s: %s); retry %d of %d in %.2fs", operation, uri, type(err).__name__,
-                      err, attempt + 1, policy.attempts - 1, wait)
-            for listener in _listeners:
-                listener(operation, uri, err)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def _retried(operation: str):
-    """Decorator: the whole call, by URI (its first argument), under the retry policy."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def call(uri, *args, **kwargs):
-            return retrying(operation, str(uri), lambda: fn(uri, *args, **kwargs))
-
-        return call
-
-    return wrap
-
 
 # Object-store clients do not retry on their own (botocore here, s3fs in filesystem()): the
 # policy above is the only one.
@@ -185,14 +107,14 @@ def resolve(uri: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, uri))
 
 
-@_retried("exists")
+@retried("exists")
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)  # other processes (Ray workers) write here: never trust a cached listing
     return fs.exists(path)
 
 
-@_retried("exists")
+@retried("exists")
 def is_dir(uri: str) -> bool:
     """Whether ``uri`` is a directory (on an object store: a prefix with objects under it)."""
     fs, path = filesystem(uri)
@@ -200,7 +122,7 @@ def is_dir(uri: str) -> bool:
     return fs.isdir(path)
 
 
-@_retried("read")
+@retried("read")
 def read_bytes(uri: str) -> bytes:
     """Whole content of a file; FileNotFoundError if missing."""
     _log("read", uri)
@@ -213,7 +135,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-@_retried("write")
+@retried("write")
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically, creating parent directories as needed."""
     fs, path = filesystem(uri)
@@ -230,20 +152,20 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-@_retried("remove")
+@retried("remove")
 def remove(uri: str, *, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
 
 
-@_retried("makedirs")
+@retried("makedirs")
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     fs.makedirs(path, exist_ok=True)
 
 
-@_retried("list")
+@retried("list")
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Sorted URIs of the files directly under ``uri`` ending in ``suffix``; [] if it doesn't exist.
 
@@ -267,7 +189,7 @@ def iter_files(uri: str, suffix: str = "") -> Iterator[str]:
         yield name if local else fs.unstrip_protocol(name)
 
 
-@_retried("list")
+@retried("list")
 def list_dirs(uri: str) -> list[str]:
     """Sorted URIs of the directories directly under ``uri``; [] if it doesn't exist."""
     fs, path = filesystem(uri)
@@ -380,7 +302,7 @@ def open_input(uri: str) -> io.BufferedIOBase:
     return _RetryingFile(retrying("open", uri, lambda: fs.open(path, "rb")), uri)
 
 
-@_retried("copy")
+@retried("copy")
 def copy(source: str, target: str) -> None:
     """Copy one file; server-side on object stores (one atomic CopyObject), atomic locally."""
     fs, src = filesystem(source)
@@ -400,7 +322,7 @@ def version_tag(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-@_retried("create")
+@retried("create")
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Write ``data`` to ``uri`` only if nothing is there: True when this call created it.
     Locally a hard link of a complete temporary file (atomic, fails if the target exists); on S3
@@ -428,7 +350,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         return False
 
 
-@_retried("read")
+@retried("read")
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
     """(content, tag) of ``uri``, or None when it does not exist."""
     try:
@@ -438,7 +360,7 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
     return data, version_tag(data)
 
 
-@_retried("replace")
+@retried("replace")
 def replace_if(uri: str, data: bytes, tag: str) -> bool:
     """Replace ``uri`` with ``data`` only if its content still has ``tag`` (compare and swap):
     True when replaced. Locally under an exclusive ``fcntl`` lock of ``<uri>.lock``; on S3 a
@@ -464,7 +386,7 @@ def replace_if(uri: str, data: bytes, tag: str) -> bool:
         raise
 
 
-@_retried("remove")
+@retried("remove")
 def remove_if(uri: str, tag: str) -> bool:
     """Delete ``uri`` if its content still has ``tag``: True when this call deleted it."""
     current = read_versioned.__wrapped__(uri)

@@ -175,7 +175,7 @@ def _segmenter_rows(rows: list[list[Any]]) -> list[list[str]]:
 def most_in_doubt(labels_dir: str, count: int) -> dict[str, Any] | None:
     """The report's table of the ``count`` images most in doubt (pipeline.algorithms.doubt), or
     None for a version labelled before doubt existed."""
-    rows = [r for r in ranking(labels_dir)[:count] if r["doubt"] is not None]
+    rows = [r for r in ranking(labels_dir).slice(0, count).to_pylist() if r["doubt"] is not None]
     if not rows:
         return None
     return {"title": "Most in doubt (python -m jobs.review sends these for correction)",

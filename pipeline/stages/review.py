@@ -16,13 +16,14 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 from pycocotools import mask as mask_utils
 
 from pipeline import ledger
@@ -36,20 +37,21 @@ FORMATS = ("coco", "labelstudio")
 SIGNAL_COLUMNS = [f"doubt_{name}" for name in doubt.SIGNALS]
 
 
-def ranking(labels_dir: str) -> list[dict[str, Any]]:
-    """The version's index rows, most in doubt first; ties (and rows without a doubt) by image id."""
-    index = tables.conform(codecs.read_parquet(layout.index_file(labels_dir)), ledger.INDEX_SCHEMA).to_pylist()
-    return sorted(index, key=lambda r: (r["doubt"] is None, -(r["doubt"] or 0.0), r["image_id"]))
+def ranking(labels_dir: str) -> pa.Table:
+    """The version's index, most in doubt first; ties (and rows without a doubt, last) by image id.
+    Columnar: a version of 10^7 images is sorted without a Python object per row."""
+    index = tables.conform(codecs.read_parquet(layout.index_file(labels_dir)), ledger.INDEX_SCHEMA)
+    return index.sort_by([("doubt", "descending", "at_end"), ("image_id", "ascending", "at_end")])
 
 
-def _ranking_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image_id", "doubt", *doubt.SIGNALS])
-    for row in rows:
-        writer.writerow([row["image_id"], *("" if row[c] is None else f"{row[c]:.4f}"
-                                            for c in ["doubt", *SIGNAL_COLUMNS])])
-    return out.getvalue()
+def _write_ranking_csv(ranked: pa.Table, uri: str) -> None:
+    """``ranking.csv``: image_id, doubt and the signals (4 decimals), streamed out in batches."""
+    columns = {"image_id": ranked.column("image_id")}
+    for name, column in zip(["doubt", *doubt.SIGNALS], ["doubt", *SIGNAL_COLUMNS]):
+        values = ranked.column(column).cast(pa.float64())
+        columns[name] = pc.if_else(pc.is_null(values), "", pc.cast(pc.round(values, 4), pa.string()))
+    with storage.open_output(uri) as f:
+        pa_csv.write_csv(pa.table(columns), f, pa_csv.WriteOptions(quoting_style="needed"))
 
 
 def _instances(labels_dir: str, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -124,8 +126,8 @@ def write_review(root: str, version: str, out: str, *, worst: int, fmt: str, cla
         raise ValueError(f"unknown review format {fmt!r}; formats: {', '.join(FORMATS)}")
     labels_dir = layout.labels_dir(root, version)
     ranked = ranking(labels_dir)
-    storage.write_text(storage.join(out, "ranking.csv"), _ranking_csv(ranked))
-    chosen = ranked[:worst]
+    _write_ranking_csv(ranked, storage.join(out, "ranking.csv"))
+    chosen = ranked.slice(0, worst).to_pylist()
     instances = _instances(labels_dir, chosen)
     if fmt == "coco":
         document = coco_document(chosen, instances, classes)
@@ -139,5 +141,5 @@ def write_review(root: str, version: str, out: str, *, worst: int, fmt: str, cla
         for row in chosen:
             storage.copy(row["uri"], storage.join(out, "images", image_file_name(row["image_id"], row["uri"])))
     doubts = [r["doubt"] for r in chosen if r["doubt"] is not None]
-    return {"version": version, "images": len(chosen), "ranked": len(ranked), "annotations": annotations,
+    return {"version": version, "images": len(chosen), "ranked": ranked.num_rows, "annotations": annotations,
             "doubt_range": (min(doubts), max(doubts)) if doubts else (math.nan, math.nan)}
