@@ -436,11 +436,13 @@ def record_pending(state: RunState, pending: dict[str, Any] | None) -> None:
     state.save()
 
 
-def version_needed(state: RunState, pending: dict[str, Any], *, labelled: int, removed: int) -> bool:
+def version_needed(state: RunState, pending: dict[str, Any], *, labelled: int, removed: int,
+                   corrected: int = 0) -> bool:
     """After synthesis wrote ``pending``'s labels: is there a new version to publish? A resumed or
-    first version is; a new one on top of LATEST only when it labelled or removed an image. The
-    answer is recorded: the pending version is marked complete (for publish), or dropped."""
-    if pending["resumed"] or not pending["base"] or labelled or removed:
+    first version is; a new one on top of LATEST only when it labelled or removed an image, or
+    people corrected one since (:func:`corrections_changed`). The answer is recorded: the pending
+    version is marked complete (for publish), or dropped."""
+    if pending["resumed"] or not pending["base"] or labelled or removed or corrected:
         state.labels["pending"]["complete"] = True
         state.save()
         return True
@@ -616,9 +618,11 @@ def relative_to_sibling(uris: pa.Array, version: str) -> pa.Array:
 
 
 def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, current: pa.Table,
-                  synthesis_key: str) -> pa.Table:
+                  synthesis_key: str, corrections: pa.Table | None = None) -> pa.Table:
     """The index of a version: the reused rows (re-pointed at ``base``) and the rows it labelled
-    itself that are still current, one per image (the last committed wins), sorted by image_id."""
+    itself that are still current, one per image (the last committed wins), then the
+    ``corrections`` (:func:`apply_corrections`), sorted by image_id, with each image's doubt
+    ranked among the images IRNet labelled."""
     if base is not None and reused.num_rows:
         for column in URI_COLUMNS:
             reused = reused.set_column(reused.schema.get_field_index(column), column,
@@ -629,12 +633,46 @@ def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, curren
     if own.num_rows:  # a batch retried after a lost result may have committed an image twice
         last = pa.table({"image_id": own.column("image_id"), "__row": pa.array(np.arange(own.num_rows))})
         own = own.take(last.group_by("image_id").aggregate([("__row", "max")]).column("__row_max"))
-    table = pa.concat_tables([conform(reused, INDEX_SCHEMA), conform(own, INDEX_SCHEMA)]).sort_by("image_id")
+    table = pa.concat_tables([conform(reused, INDEX_SCHEMA), conform(own, INDEX_SCHEMA)])
+    table = apply_corrections(table, corrections if corrections is not None else CORRECTION_ROWS.empty_table())
+    human = np.array([s == "human" for s in table.column("source").to_pylist()], bool)
     signals = np.stack([table.column(f"doubt_{name}").to_numpy(zero_copy_only=False).astype(np.float64)
                         for name in doubt.SIGNALS], axis=1) if table.num_rows else np.zeros((0, len(doubt.SIGNALS)))
-    ranked = doubt.version_doubt(signals)
+    ranked = np.zeros(table.num_rows)  # a person's labels are not in doubt
+    ranked[~human] = doubt.version_doubt(signals[~human])
     return table.set_column(table.schema.get_field_index("doubt"), "doubt",
                             pa.array(ranked, pa.float32(), mask=np.isnan(ranked)))
+
+
+def apply_corrections(index: pa.Table, corrections: pa.Table) -> pa.Table:
+    """``index`` (INDEX_SCHEMA) with every corrected image's row replaced by its correction,
+    verbatim: source "human", the correction's PNGs and instance rows, no doubt. An image that
+    IRNet did not label (its CAMs failed) gets a row too; the row keeps IRNet's label key, so a
+    nightly run still knows IRNet's labels of the image are current. Other rows get source "irnet".
+    Sorted by image_id."""
+    sources = ["irnet" if s is None else s for s in index.column("source").to_pylist()]
+    index = index.set_column(index.schema.get_field_index("source"), "source", pa.array(sources, pa.string()))
+    if corrections.num_rows == 0:
+        return index.sort_by("image_id")
+    kept = join_rows(index, corrections, ["image_id"], "left anti")
+    labelled = join_rows(index, corrections, ["image_id"], "inner", extra=[])
+    carried = {r["image_id"]: r for r in labelled.select(["image_id", "key", "cam_fraction"]).to_pylist()}
+    rows = []
+    for row in corrections.to_pylist():
+        own = carried.get(row["image_id"], {})
+        rows.append({**{c: row[c] for c in CORRECTION_ROWS.names if c != "correction"},
+                     "key": own.get("key"), "cam_fraction": own.get("cam_fraction"), "source": "human",
+                     "correction": row["correction"], "doubt": 0.0,
+                     **{f"doubt_{name}": 0.0 for name in doubt.SIGNALS}})
+    human = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    return pa.concat_tables([kept, human]).sort_by("image_id")
+
+
+def corrections_changed(base_index: pa.Table, corrections: pa.Table) -> int:
+    """How many images the ``corrections`` (CORRECTION_ROWS) label otherwise than the base
+    version's index does: corrected since, or by a newer correction."""
+    applied = conform(base_index, INDEX_SCHEMA).select(["image_id", "correction"])
+    return join_rows(corrections, applied, ["image_id", "correction"], "left anti").num_rows
 
 
 # ------------------------------------------------------------------------------ labels schemas
@@ -651,7 +689,23 @@ INDEX_SCHEMA = pa.schema([
     # How much to doubt the image's labels (pipeline.algorithms.doubt): each signal, and their
     # combination ranked within the version (null in rows labelled before doubt existed).
     *[(f"doubt_{name}", pa.float32()) for name in doubt.SIGNALS], ("doubt", pa.float32()),
+    # Who made the labels: "irnet", or "human" (a correction, named in ``correction``, applied
+    # verbatim; null in rows written before corrections existed: read as "irnet").
+    ("source", pa.string()), ("correction", pa.string()),
 ])
+# One row per corrected image of a correction (``corrections/<name>/images.parquet``, its commit
+# record; pipeline.stages.corrections writes it). URIs are relative to the correction's directory.
+CORRECTION_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("class_ids", pa.list_(pa.int32())),
+    ("num_instances", pa.int32()), ("semantic_uri", pa.string()), ("instance_uri", pa.string()),
+    ("instances_uri", pa.string()), ("stamp", pa.string()), ("note", pa.string()), ("source", pa.string()),
+    ("fg_fraction", pa.float32()),
+])
+# The corrections a version applies (plan.version_corrections): the newest correction of each image
+# of the manifest, with the image's uri and URIs relative to the version's directory.
+CORRECTION_ROWS = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("correction", pa.string()),
+                             *[CORRECTION_SCHEMA.field(c) for c in ("height", "width", "class_ids", "num_instances",
+                                                                    "fg_fraction", *URI_COLUMNS)]])
 INSTANCE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("instance_id", pa.int32()), ("class_id", pa.int32()),
     ("score", pa.float32()), ("area", pa.int64()), ("bbox", pa.list_(pa.float32(), 4)),
@@ -685,8 +739,11 @@ def labelled_rows(labels_dir: str) -> pa.Table:
 
 
 def read_index(labels_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """A published version's index (or an empty one when the directory has none)."""
+    """A published version's index (or an empty one when the directory has none); columns an
+    older index lacks are null."""
     uri = layout.index_file(labels_dir)
+    schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
     if not storage.exists(uri):
-        return INDEX_SCHEMA.empty_table() if columns is None else INDEX_SCHEMA.empty_table().select(columns)
-    return codecs.read_parquet(uri) if columns is None else codecs.read_parquet_columns(uri, columns)
+        return schema.empty_table()
+    table = codecs.read_parquet(uri) if columns is None else codecs.read_parquet_columns(uri, columns, missing_ok=True)
+    return conform(table, schema)

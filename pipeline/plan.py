@@ -115,6 +115,35 @@ def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key
     return table, table.num_rows
 
 
+def current_corrections(root: str) -> pa.Table:
+    """The newest committed correction of each corrected image (ledger.CORRECTION_SCHEMA, URIs
+    relative to its directory) with the correction's name in ``correction``, sorted by image_id.
+    A directory without ``images.parquet`` is a correction whose writer died before its commit."""
+    rows: dict[str, dict[str, Any]] = {}
+    for directory in storage.list_dirs(layout.corrections_root(root)):  # names start with their stamp
+        committed = storage.join(directory, "images.parquet")
+        if not storage.exists(committed):
+            continue
+        name = directory.rstrip("/").rsplit("/", 1)[-1]
+        for row in tables.conform(codecs.read_parquet(committed), ledger.CORRECTION_SCHEMA).to_pylist():
+            rows[row["image_id"]] = {**row, "correction": name}
+    schema = ledger.CORRECTION_SCHEMA.append(pa.field("correction", pa.string()))
+    return pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=schema)
+
+
+def version_corrections(root: str, manifest_dir: str) -> pa.Table:
+    """The corrections a labels version applies (ledger.CORRECTION_ROWS): the newest of each image
+    the manifest lists, its URIs relative to the version's directory."""
+    corrections = current_corrections(root)
+    manifest = read_manifest(manifest_dir, ["image_id", "uri"])
+    corrections = tables.join_rows(corrections, manifest, ["image_id"], "inner", extra=["uri"])
+    for column in ledger.URI_COLUMNS:
+        names, values = corrections.column("correction").to_pylist(), corrections.column(column).to_pylist()
+        corrections = corrections.set_column(corrections.schema.get_field_index(column), column, pa.array(
+            [layout.correction_from_version(n, v) for n, v in zip(names, values)], pa.string()))
+    return corrections.select(ledger.CORRECTION_ROWS.names).cast(ledger.CORRECTION_ROWS)
+
+
 def _synthesis_inputs(root: str, manifest_dir: str, classes: list[str], cams_key: str, labels_dir: str,
                       base_dir: str | None, stage: str, ground_truth_only: bool):
     current = current_cams(root, manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
@@ -132,6 +161,8 @@ def synthesis_plan(root: str, manifest_dir: str, classes: list[str], cams_key: s
     reused, pending, counts = ledger.plan_synthesis(current, synthesis_key, base_index, labelled, failed)
     base_rows = base_index.num_rows
     counts["removed"] = base_rows - reused.num_rows  # base rows no longer current (relabelled or gone)
+    if not ground_truth_only:  # images whose human labels differ from the base version's
+        counts["corrected"] = ledger.corrections_changed(base_index, version_corrections(root, manifest_dir))
     grouped = pending.select(["cam_shard", "image_id", "uri", "label_key"]).group_by("cam_shard").aggregate(
         [("image_id", "list"), ("uri", "list"), ("label_key", "list")])
     grouped = grouped.rename_columns(["cam_shard", "image_ids", "uris", "label_keys"]).sort_by("cam_shard")
@@ -148,7 +179,8 @@ def build_index(root: str, manifest_dir: str, classes: list[str], cams_key: str,
     if pending.num_rows:
         raise RuntimeError(f"{labels_dir}: {pending.num_rows} images are still to be labelled; "
                            "run the synthesis stage first")
-    index = ledger.version_index(reused, base, labelled, current, synthesis_key)
+    corrections = None if ground_truth_only else version_corrections(root, manifest_dir)
+    index = ledger.version_index(reused, base, labelled, current, synthesis_key, corrections)
     codecs.write_parquet(layout.index_file(labels_dir), index)
     detail = ("image_id", "uri", "key", "stage", "reason")
     rejects = (rejected_rows(root, manifest_dir) if not ground_truth_only
@@ -156,6 +188,7 @@ def build_index(root: str, manifest_dir: str, classes: list[str], cams_key: str,
     images = _images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
     missing = ledger.version_quarantine(rejects, images, ledger.quarantined(root, "cams", detail), current,
                                         synthesis_key, ledger.quarantined(root, stage, detail))
+    missing = tables.join_rows(missing, index, ["image_id"], "left anti")  # corrected: in the version
     codecs.write_parquet(storage.join(labels_dir, "quarantine.parquet"), missing)
     return {**index_summary(index, classes), "quarantined": missing.num_rows}
 
@@ -194,8 +227,9 @@ def index_summary(index: pa.Table, classes: list[str]) -> dict[str, Any]:
         "instances_per_image": instances / images if images else None,
         "instances_per_tag": instances / tags if tags else None,
     }
-    return {"images": images, "instances": instances, "images_per_class": per_class, "health": health,
-            "health_warnings": health_warnings(health)}
+    corrected = int(pc.sum(pc.equal(index.column("source"), "human")).as_py() or 0) if images else 0
+    return {"images": images, "instances": instances, "corrected": corrected, "images_per_class": per_class,
+            "health": health, "health_warnings": health_warnings(health)}
 
 
 # The healthy (low, high) range of the label-health figures that have one (ends included; None:

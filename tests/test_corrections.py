@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 from jobs import correct, export, review
-from pipeline import ledger
+from pipeline import ledger, plan
 from pipeline.io import codecs, layout, storage
-from pipeline.stages.corrections import current_corrections
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -34,6 +33,16 @@ def _stored(root: str) -> list[str]:
     return storage.list_dirs(layout.corrections_root(root))
 
 
+def current_corrections(root: str):
+    """plan.current_corrections with the URIs made absolute."""
+    table = plan.current_corrections(root)
+    rows = table.to_pylist()
+    for row in rows:
+        for column in ledger.URI_COLUMNS:
+            row[column] = storage.resolve(row[column], layout.correction_dir(root, row["correction"]))
+    return rows
+
+
 def _png(uri: str) -> np.ndarray:
     return codecs.decode_label_png(storage.read_bytes(uri))
 
@@ -48,7 +57,7 @@ def test_a_reviewed_and_edited_coco_file_is_stored_and_the_newest_correction_win
                                if a["id"] != dropped and a["image_id"] != third["id"]]
     (tmp_path / "fixed.json").write_text(json.dumps(document))
     name = correct.main(["--root", run_root, "--from", str(tmp_path / "fixed.json"), "--note", "first pass"])
-    table = current_corrections(run_root).to_pylist()
+    table = current_corrections(run_root)
     by_id = {r["image_id"]: r for r in table}
     ids = [im["file_name"].rsplit(".", 1)[0] for im in (first, second, third)]
     assert sorted(by_id) == sorted(ids) and all(r["note"] == "first pass" for r in table)
@@ -68,7 +77,7 @@ def test_a_reviewed_and_edited_coco_file_is_stored_and_the_newest_correction_win
     (tmp_path / "redo.json").write_text(json.dumps(redo))
     later = correct.main(["--root", run_root, "--from", str(tmp_path / "redo.json")])
     assert later > name and len(_stored(run_root)) == 2
-    by_id = {r["image_id"]: r for r in current_corrections(run_root).to_pylist()}
+    by_id = {r["image_id"]: r for r in current_corrections(run_root)}
     assert by_id[ids[2]]["num_instances"] == 1 and by_id[ids[0]]["note"] == "first pass"
     semantic = _png(by_id[ids[2]]["semantic_uri"])
     assert semantic.shape == (height, width) and semantic[2:10, 2:10].all() and semantic.sum() == 64
@@ -80,7 +89,7 @@ def test_a_voc_folder_is_taken_as_it_is(run_root, tmp_path):
     version = ledger.latest_version(run_root)
     labels_dir = layout.labels_dir(run_root, version)
     index = {r["image_id"]: r for r in ledger.read_index(labels_dir).to_pylist()}
-    stored = current_corrections(run_root).to_pylist()
+    stored = current_corrections(run_root)
     assert sorted(r["image_id"] for r in stored) == sorted(index)
     for row in stored:
         labels = _png(storage.resolve(index[row["image_id"]]["semantic_uri"], labels_dir))

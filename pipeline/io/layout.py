@@ -108,6 +108,12 @@ def correction_dir(root: str, name: str) -> str:
     return join(root, "corrections", name)
 
 
+def correction_from_version(name: str, relative: str) -> str:
+    """A file of correction ``name`` as a labels version's index names it (relative to
+    ``labels/<version>/``, like every URI of an index)."""
+    return f"../../corrections/{name}/{relative}"
+
+
 def report_dir(root: str) -> str:
     return join(root, "report")
 

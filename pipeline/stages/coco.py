@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from pipeline import ledger
 from pipeline.data.classes import Vocabulary
-from pipeline.io import layout, storage
+from pipeline.io import layout, storage, tables
 
 log = logging.getLogger(__name__)
 PART_SUFFIX = ".coco.tsv"
@@ -96,7 +96,8 @@ def write_coco(labels_dir: str, classes: list[str], index: pa.Table | None = Non
     """
     out_uri = out_uri or layout.coco_file(labels_dir)
     index = ledger.read_index(labels_dir) if index is None else index
-    index = index.select(["image_id", "uri", "height", "width", "num_instances", "instances_uri"]).sort_by(
+    index = tables.conform(index, ledger.INDEX_SCHEMA)
+    index = index.select(["image_id", "uri", "height", "width", "num_instances", "instances_uri", "source"]).sort_by(
         [("instances_uri", "ascending"), ("image_id", "ascending")])
     rows = index.to_pylist()
     annotations, per_category = 0, [0] * (len(classes) + 1)
@@ -106,7 +107,8 @@ def write_coco(labels_dir: str, classes: list[str], index: pa.Table | None = Non
         for number, row in enumerate(rows, start=1):
             out.write(",\n" if number > 1 else "\n")
             name = row["image_id"] if file_names == "id" else image_file_name(row["image_id"], row["uri"])
-            out.write(json.dumps({"id": number, "file_name": name, "height": row["height"], "width": row["width"]}))
+            out.write(json.dumps({"id": number, "file_name": name, "height": row["height"], "width": row["width"],
+                                  "source": row["source"] or "irnet"}))
         out.write('\n],\n"annotations": [')
         shard, bodies = None, {}
         for number, row in enumerate(rows, start=1):

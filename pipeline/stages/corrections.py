@@ -11,7 +11,8 @@ class the run does not have, a mask that leaves its image or a size that is not 
 malformed or truncated file: :class:`CorrectionError` names the entry, and nothing is written.
 A valid file becomes ``corrections/<stamp>-<key>/`` (key: a hash of its content): the PNGs, the
 instance rows, then ``images.parquet``, which commits it. Nothing there is ever rewritten; the
-newest correction of an image wins (:func:`current_corrections`).
+newest correction of an image wins (plan.current_corrections); the next labelling run's version
+carries it verbatim (ledger.apply_corrections).
 """
 
 from __future__ import annotations
@@ -30,15 +31,11 @@ from pycocotools import mask as mask_utils
 from pipeline import ledger, plan
 from pipeline.data.classes import Vocabulary
 from pipeline.data.images import image_size
-from pipeline.io import codecs, layout, storage, tables
+from pipeline.io import codecs, layout, storage
+from pipeline.stages import coco
 from pipeline.stages.synthesis import instance_id_map, instance_rows
 
 IGNORE = 255
-CORRECTION_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("class_ids", pa.list_(pa.int32())),
-    ("num_instances", pa.int32()), ("semantic_uri", pa.string()), ("instance_uri", pa.string()),
-    ("instances_uri", pa.string()), ("stamp", pa.string()), ("note", pa.string()), ("source", pa.string()),
-])
 
 
 class CorrectionError(ValueError):
@@ -231,24 +228,11 @@ def store_corrections(root: str, corrected: list[Corrected], *, note: str = "", 
         images.append({"image_id": c.image_id, "height": c.semantic.shape[0], "width": c.semantic.shape[1],
                        "class_ids": sorted(set(int(k) for k in c.classes)), "num_instances": len(c.masks),
                        "semantic_uri": f"semantic/{c.image_id}.png", "instance_uri": f"instance/{c.image_id}.png",
-                       "instances_uri": "instances.parquet", "stamp": stamp, "note": note, "source": source})
+                       "instances_uri": "instances.parquet", "stamp": stamp, "note": note, "source": source,
+                       "fg_fraction": float(((c.semantic != 0) & (c.semantic != IGNORE)).mean())})
     codecs.write_parquet(storage.join(directory, "instances.parquet"),
                          pa.Table.from_pylist(instances, schema=ledger.INSTANCE_SCHEMA))
+    storage.write_bytes(storage.join(directory, "instances" + coco.PART_SUFFIX), coco.coco_part(instances))
     codecs.write_parquet(storage.join(directory, "images.parquet"),  # commits the correction
-                         pa.Table.from_pylist(images, schema=CORRECTION_SCHEMA))
+                         pa.Table.from_pylist(images, schema=ledger.CORRECTION_SCHEMA))
     return name
-
-
-def current_corrections(root: str) -> pa.Table:
-    """The newest committed correction of each corrected image: CORRECTION_SCHEMA rows with URIs
-    made absolute, sorted by image_id."""
-    rows: dict[str, dict[str, Any]] = {}
-    for directory in storage.list_dirs(layout.corrections_root(root)):  # names start with their stamp
-        committed = storage.join(directory, "images.parquet")
-        if not storage.exists(committed):
-            continue  # a correction whose writer died before its commit
-        for row in tables.conform(codecs.read_parquet(committed), CORRECTION_SCHEMA).to_pylist():
-            for column in ("semantic_uri", "instance_uri", "instances_uri"):
-                row[column] = storage.resolve(row[column], directory)
-            rows[row["image_id"]] = row
-    return pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=CORRECTION_SCHEMA)

@@ -3,8 +3,8 @@
 ``export_version`` writes a VOC-style folder (``SegmentationClass/``, ``SegmentationObject/``,
 ``ImageSets/Segmentation/all.txt``, and ``coco.json``), a COCO folder (``coco.json`` and, with
 images, ``images/``) or a YOLO segmentation folder (``labels/<id>.txt`` polygons, ``data.yaml``,
-``images/``); files are written by Ray tasks (copied server-side on object stores), so the driver
-only plans. ``retain`` deletes published versions older than the last K and every output of them
+``images/``); each with ``sources.csv`` (which images carry people's corrections). Files are
+written by Ray tasks (copied server-side on object stores), so the driver only plans. ``retain`` deletes published versions older than the last K and every output of them
 that no kept version's index references.
 """
 
@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import yaml
 
 from pipeline import ledger, tasks
@@ -113,6 +115,7 @@ def export_version(root: str, version: str, out: str, *, fmt: str, classes: list
             export_rows, batch_size=64, batch_format="numpy", num_cpus=io_cpus,
             fn_kwargs={"labels_dir": labels_dir, "out": out, "fmt": fmt, "with_images": with_images})
         tasks.summarise(ds, StageProgress(f"export {fmt}", total))
+    tasks.get(tasks.run_task(_write_sources, labels_dir, out, num_cpus=io_cpus))
     if fmt == "voc":
         tasks.get(tasks.run_task(_write_image_set, rows_ref, out, num_cpus=io_cpus))
     if fmt == "yolo":
@@ -127,6 +130,14 @@ def export_version(root: str, version: str, out: str, *, fmt: str, classes: list
     coco = tasks.get(tasks.run_task(write_coco, labels_dir, classes, out_uri=storage.join(out, "coco.json"),
                                       file_names=names, num_cpus=io_cpus))
     return {"images": total, "annotations": coco["num_annotations"], "out": out, "format": fmt}
+
+
+def _write_sources(labels_dir: str, out: str) -> None:
+    """``sources.csv``: image_id, source (irnet | human) and the correction of every image."""
+    index = ledger.read_index(labels_dir, ["image_id", "source", "correction"])
+    index = index.set_column(1, "source", pc.fill_null(index.column("source"), "irnet"))
+    with storage.open_output(storage.join(out, "sources.csv")) as f:
+        pa_csv.write_csv(index, f)
 
 
 def _write_image_set(rows: pa.Table, out: str) -> None:

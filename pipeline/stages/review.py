@@ -2,10 +2,10 @@
 
 ``write_review`` writes to a folder (local or s3://):
 
-* ``ranking.csv``: every image of the version, most in doubt first (ties by id): image_id, doubt
-  and each signal of pipeline.algorithms.doubt (empty for images labelled before doubt existed,
-  which rank last);
-* the ``worst`` first images' labels as pre-annotations an annotation tool loads as they are:
+* ``ranking.csv``: every image of the version, most in doubt first (ties by id): image_id, source
+  (irnet | human), doubt and each signal of pipeline.algorithms.doubt (empty for images labelled
+  before doubt existed, which rank last; images people corrected come after all others);
+* the ``worst`` first images' labels (never a corrected one) as pre-annotations an annotation tool loads as they are:
   ``coco``: ``annotations.json`` in COCO 1.0 form (CVAT's "COCO 1.0" import): ``file_name`` is
   ``<image_id><ext>`` as ``jobs.export --format coco --with-images`` names the images, one polygon
   annotation per instance with its score and doubt; ``labelstudio``: ``tasks.json``, one task per
@@ -38,15 +38,21 @@ SIGNAL_COLUMNS = [f"doubt_{name}" for name in doubt.SIGNALS]
 
 
 def ranking(labels_dir: str) -> pa.Table:
-    """The version's index, most in doubt first; ties (and rows without a doubt, last) by image id.
-    Columnar: a version of 10^7 images is sorted without a Python object per row."""
+    """The version's index, most in doubt first; ties (and rows without a doubt) by image id; the
+    images people corrected last. Columnar: a version of 10^7 images is sorted without a Python
+    object per row."""
     index = tables.conform(codecs.read_parquet(layout.index_file(labels_dir)), ledger.INDEX_SCHEMA)
-    return index.sort_by([("doubt", "descending", "at_end"), ("image_id", "ascending", "at_end")])
+    index = index.set_column(index.schema.get_field_index("source"), "source",
+                             pc.fill_null(index.column("source"), "irnet"))
+    human = pc.equal(index.column("source"), "human")
+    return index.append_column("__human", human).sort_by(
+        [("__human", "ascending"), ("doubt", "descending", "at_end"), ("image_id", "ascending", "at_end")]
+    ).drop_columns(["__human"])
 
 
 def _write_ranking_csv(ranked: pa.Table, uri: str) -> None:
-    """``ranking.csv``: image_id, doubt and the signals (4 decimals), streamed out in batches."""
-    columns = {"image_id": ranked.column("image_id")}
+    """``ranking.csv``: image_id, source, doubt and the signals (4 decimals), streamed out in batches."""
+    columns = {"image_id": ranked.column("image_id"), "source": ranked.column("source")}
     for name, column in zip(["doubt", *doubt.SIGNALS], ["doubt", *SIGNAL_COLUMNS]):
         values = ranked.column(column).cast(pa.float64())
         columns[name] = pc.if_else(pc.is_null(values), "", pc.cast(pc.round(values, 4), pa.string()))
@@ -127,7 +133,8 @@ def write_review(root: str, version: str, out: str, *, worst: int, fmt: str, cla
     labels_dir = layout.labels_dir(root, version)
     ranked = ranking(labels_dir)
     _write_ranking_csv(ranked, storage.join(out, "ranking.csv"))
-    chosen = ranked.slice(0, worst).to_pylist()
+    labelled_by_irnet = ranked.num_rows - (pc.sum(pc.equal(ranked.column("source"), "human")).as_py() or 0)
+    chosen = ranked.slice(0, min(worst, labelled_by_irnet)).to_pylist()  # corrected images are not in doubt
     instances = _instances(labels_dir, chosen)
     if fmt == "coco":
         document = coco_document(chosen, instances, classes)

@@ -282,6 +282,7 @@ def stage_synthesis(run: ledger.Run) -> dict[str, Any]:
     base_dir = layout.labels_dir(run.root, base) if base else None
     counts = run_synthesis(run.cfg, run.manifest_dir, run.classes, run.recorded_cams_key(), key,
                            layout.labels_dir(run.root, version), base_dir)
-    if not ledger.version_needed(run.state, pending, labelled=counts["pending"], removed=counts["removed"]):
+    if not ledger.version_needed(run.state, pending, labelled=counts["pending"], removed=counts["removed"],
+                                 corrected=counts["corrected"]):
         return {**counts, "_skipped": True, "version": base}
     return {**counts, "version": version}
