@@ -180,3 +180,99 @@ def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, l
                    f"fs.get(path, {str(copy)!r}, recursive=True)", s3_env)
     assert fetched.returncode == 0, fetched.stderr[-3000:]
     assert_same_outputs(label_outputs(str(copy)), s3_outputs)
+
+
+def _job(module: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=_environment(env))
+    _assert_no_credentials(done.stdout.encode() + done.stderr.encode(), f"{module}'s output")
+    return done
+
+
+def _keys(env: dict[str, str], prefix: str) -> list[str]:
+    pages = _s3(env).get_paginator("list_objects_v2").paginate(Bucket="irn", Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def _parquet(env: dict[str, str], key: str) -> list[dict]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(_object(env, key))).to_pylist()
+
+
+def test_review_and_corrections_on_the_s3_run(s3_env):
+    """jobs.review and jobs.correct on the run root the label job above left on S3 (this module's
+    bucket): the review package is written to S3, an edited COCO file read from S3 is stored under
+    corrections/, and bad files are refused in one line with nothing stored."""
+    import csv
+    import io
+
+    from pipeline.io import codecs
+
+    latest = _object(s3_env, "run/labels/LATEST")
+    if latest is None:
+        pytest.skip("needs the label run on S3 of the test above")
+    version = latest.decode().strip()
+    index = _parquet(s3_env, f"run/labels/{version}/index.parquet")
+    reviewed = _job("jobs.review", ["--root", "s3://irn/run", "--worst", "3", "--out", "s3://irn/review"], s3_env)
+    assert reviewed.returncode == 0, reviewed.stderr[-3000:]
+    assert reviewed.stdout.strip().endswith("-> s3://irn/review")
+    ranking = list(csv.DictReader(io.StringIO(_object(s3_env, "review/ranking.csv").decode())))
+    assert sorted(r["image_id"] for r in ranking) == sorted(r["image_id"] for r in index)
+    document = json.loads(_object(s3_env, "review/annotations.json"))
+    assert [im["file_name"].rsplit(".", 1)[0] for im in document["images"]] == [r["image_id"] for r in ranking[:3]]
+    studio = _job("jobs.review", ["--root", "s3://irn/run", "--worst", "2", "--out", "s3://irn/review-ls",
+                                  "--format", "labelstudio"], s3_env)
+    assert studio.returncode == 0, studio.stderr[-3000:]
+    tasks = json.loads(_object(s3_env, "review-ls/tasks.json"))
+    assert [t["data"]["image_id"] for t in tasks] == [r["image_id"] for r in ranking[:2]]
+
+    # The annotator redraws the first image as one rectangle and clears the second (background).
+    first, second, third = document["images"]
+    rectangle = [4, 6, 30, 6, 30, 20, 4, 20]  # x 4..30, y 6..20 on pixel edges
+    document["annotations"] = [a for a in document["annotations"] if a["image_id"] == third["id"]]
+    document["annotations"].append({"id": 1000, "image_id": first["id"], "category_id": 2,
+                                    "segmentation": [rectangle]})
+    text = json.dumps(document)
+    _s3(s3_env).put_object(Bucket="irn", Key="review/edited.json", Body=text.encode())
+    done = _job("jobs.correct", ["--root", "s3://irn/run", "--from", "s3://irn/review/edited.json", "--note", "on s3"],
+                s3_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (committed,) = [k for k in _keys(s3_env, "run/corrections/") if k.endswith("/images.parquet")]
+    directory = committed.rsplit("/", 1)[0]
+    assert f"s3://irn/{directory}" in done.stdout
+    rows = {r["image_id"]: r for r in _parquet(s3_env, committed)}
+    ids = [im["file_name"].rsplit(".", 1)[0] for im in (first, second, third)]
+    assert sorted(rows) == sorted(ids)
+    assert all(r["note"] == "on s3" and r["source"] == "s3://irn/review/edited.json" for r in rows.values())
+    assert (rows[ids[0]]["num_instances"], rows[ids[0]]["class_ids"]) == (1, [2])
+    assert (rows[ids[1]]["num_instances"], rows[ids[1]]["class_ids"]) == (0, [])
+    assert rows[ids[2]]["num_instances"] == sum(a["image_id"] == third["id"] for a in document["annotations"])
+    semantic = codecs.decode_label_png(_object(s3_env, f"{directory}/{rows[ids[0]]['semantic_uri']}"))
+    assert semantic.shape == (first["height"], first["width"])
+    assert (semantic[6:20, 4:30] == 2).all() and (semantic == 2).sum() == 14 * 26 == semantic.astype(bool).sum()
+    assert not codecs.decode_label_png(_object(s3_env, f"{directory}/{rows[ids[1]]['semantic_uri']}")).any()
+    assert len(_parquet(s3_env, f"{directory}/instances.parquet")) == sum(r["num_instances"] for r in rows.values())
+    assert _object(s3_env, "run/_lease.json") is None
+
+    # Bad files on S3: exit 2, one line naming the entry, nothing new under corrections/.
+    stored = _keys(s3_env, "run/corrections/")
+    image = document["images"][0]
+    bad = {"truncated": (text[: len(text) // 2], "not a JSON document"),
+           "unknown-id": ({**document, "images": [{**image, "file_name": "no-such-image.png"}], "annotations": []},
+                          "'no-such-image.png' is not in the run's manifest"),
+           "unknown-class": ({**document, "categories": [{"id": 1, "name": "unicorn"}]}, "category 'unicorn'"),
+           "wrong-size": ({**document, "images": [{**image, "width": image["width"] + 1}], "annotations": []},
+                          f"image {image['id']} ({image['file_name']!r}): says {image['width'] + 1}x{image['height']}")}
+    for name, (content, expected) in bad.items():
+        body = content if isinstance(content, str) else json.dumps(content)
+        _s3(s3_env).put_object(Bucket="irn", Key=f"review/{name}.json", Body=body.encode())
+        refused = _job("jobs.correct", ["--root", "s3://irn/run", "--from", f"s3://irn/review/{name}.json"], s3_env)
+        assert refused.returncode == 2, (name, refused.stderr[-3000:])
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"correction error: s3://irn/review/{name}.json: "), lines
+        assert expected in lines[0] and lines[0].endswith("nothing was stored"), lines[0]
+        assert _keys(s3_env, "run/corrections/") == stored, name
+    assert _object(s3_env, "run/_lease.json") is None

@@ -33,7 +33,6 @@ from pipeline.data.classes import Vocabulary
 from pipeline.data.images import image_size
 from pipeline.io import codecs, layout, storage
 from pipeline.stages import coco
-from pipeline.stages.synthesis import instance_id_map, instance_rows
 
 IGNORE = 255
 
@@ -209,6 +208,9 @@ def read_corrections(root: str, source: str, classes: list[str]) -> list[Correct
 
 def store_corrections(root: str, corrected: list[Corrected], *, note: str = "", source: str = "") -> str:
     """Write ``corrected`` as one immutable correction ``corrections/<stamp>-<key>/``; its name."""
+    # Here, not at the top: the synthesis stage imports torch (seconds), which checking a file does not need.
+    from pipeline.stages.synthesis import instance_id_map, instance_rows
+
     pngs = {c.image_id: (codecs.encode_semantic_png(c.semantic),
                          codecs.encode_instance_png(instance_id_map(c.masks, np.ones(len(c.masks)), c.semantic.shape)))
             for c in corrected}
