@@ -125,8 +125,9 @@ COMBINED = ("weak_outline", "cam_outside", "area_mismatch", "walk_margin")
 
 
 def version_doubt(signals: np.ndarray, *, combined: Sequence[str] = COMBINED) -> np.ndarray:
-    """Each image's doubt in a version, in [0, 1]: the mean, over the ``combined`` signals it has, of its signal's percentile rank among the version's images that have that signal (ties
-    share their mean rank). ``signals`` is float [N, len(SIGNALS)] in SIGNALS order, NaN where a
+    """Each image's doubt in a version, in [0, 1]: the mean, over the ``combined`` signals it has,
+    of its signal's percentile rank among the version's images that have that signal (ties share
+    their mean rank). ``signals`` is float [N, len(SIGNALS)] in SIGNALS order, NaN where a
     signal is missing (a row labelled before the signal existed); a row missing all of ``combined``
     gets NaN."""
     signals = np.asarray(signals, np.float64).reshape(-1, len(SIGNALS))
