@@ -3,15 +3,21 @@
     python benchmarks/doubt.py --root runs/demo
 
 For every labelled image with ground truth: the doubt signals (pipeline.algorithms.doubt, with
-IRNet's boundary map recomputed from the run's network, so a run labelled before doubt existed
-can be measured), the images' doubt ranked among them, and each image's error 1 - mean IoU (over
-the classes in its labels or its ground truth). Prints Spearman's rank
-correlation of the error with the doubt and with each signal alone. Measures; asserts nothing.
+IRNet's boundary map and the class scores of the semantic labels recomputed from the run's
+network and CAMs, so a run labelled before doubt existed can be measured), the images' doubt
+ranked among them, and each image's error 1 - mean IoU (over the classes in its labels or its ground truth). Prints Spearman's rank correlation of the error
+with the doubt and with each signal alone. Measures; asserts nothing.
+
+``--subsets K`` also ranks every combination of two or more signals (the mean of their percentile
+ranks, as ``doubt.version_doubt``) by its worst lead, over the given runs, on the best single
+signal of each run, and prints the K best: how ``doubt.COMBINED`` is chosen on runs that are not
+the ones it is reported on (docs/review.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -24,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import ledger, plan  # noqa: E402
 from pipeline.algorithms import doubt  # noqa: E402
+from pipeline.config import SynthesisConfig  # noqa: E402
 from pipeline.data.images import read_inputs, read_label  # noqa: E402
 from pipeline.io import codecs, layout, storage  # noqa: E402
 from pipeline.models.store import load_trained  # noqa: E402
 from pipeline.stages.cams import read_cam_rows  # noqa: E402
 from pipeline.stages.evaluate import decode_instances  # noqa: E402
-from pipeline.stages.synthesis import padded_input  # noqa: E402
+from pipeline.stages.synthesis import padded_input, semantic_scores  # noqa: E402
 
 
 def image_error(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -58,6 +65,7 @@ def measure(root: str) -> dict:
         for row in codecs.read_parquet(uri).to_pylist():
             instances.setdefault(row["image_id"], []).append(row)
     irn = load_trained(root, "irn") if storage.exists(layout.model_file(root, "irn")) else None
+    params = SynthesisConfig(**config["synthesis"])
     rows = []
     for row in index:
         image_id = row["image_id"]
@@ -73,7 +81,10 @@ def measure(root: str) -> dict:
             x = torch.from_numpy(padded_input(image, config["train_irn"]["crop_size"]))[None]
             with torch.no_grad():
                 boundary = irn.infer_padded(x, [size])[0].boundary.numpy()
-        signals = doubt.image_signals(semantic, masks, scores, cam_row["cams"], list(cam_row["class_ids"]), boundary)
+        class_ids = [int(c) for c in cam_row["class_ids"]]
+        _, class_scores = semantic_scores(params.method, torch.from_numpy(np.asarray(cam_row["cams"], np.float32)), class_ids,
+                                          size, None if boundary is None else torch.from_numpy(boundary), params)
+        signals = doubt.image_signals(semantic, masks, scores, cam_row["cams"], class_ids, boundary, class_scores)
         rows.append({"image_id": image_id, **signals,
                      "error": image_error(semantic, read_label(gt[image_id]["gt_semantic_uri"]))})
     ranked = doubt.version_doubt(np.array([[r[name] for name in doubt.SIGNALS] for r in rows]))
@@ -85,16 +96,40 @@ def measure(root: str) -> dict:
     return {"images": len(rows), "spearman": correlations, "rows": rows}
 
 
+def subset_leads(results: list[dict]) -> list[tuple[float, tuple[str, ...], list[float]]]:
+    """Every combination of two or more signals: (worst lead on the best single signal over the
+    runs, the signals, its Spearman correlation per run), best first."""
+    out = []
+    for size in range(2, len(doubt.SIGNALS) + 1):
+        for names in itertools.combinations(doubt.SIGNALS, size):
+            rhos, leads = [], []
+            for result in results:
+                rows = result["rows"]
+                ranked = doubt.version_doubt(np.array([[r[n] for n in doubt.SIGNALS] for r in rows]), combined=names)
+                rho = float(spearmanr(ranked, [r["error"] for r in rows]).statistic)
+                single = np.nanmax([result["spearman"][n] for n in doubt.SIGNALS])
+                rhos.append(rho)
+                leads.append(rho - single)
+            out.append((min(leads), names, rhos))
+    return sorted(out, key=lambda item: -np.nan_to_num(item[0], nan=-np.inf))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, action="append", help="run root of a finished run (repeatable)")
+    p.add_argument("--subsets", type=int, default=0, help="print the K best combinations of signals")
     args = p.parse_args()
     torch.set_num_threads(2)
+    results = []
     for root in args.root:
-        result = measure(root)
-        print(f"{root}: {result['images']} images with ground truth; Spearman rank correlation with 1 - mIoU")
-        for name, value in result["spearman"].items():
+        results.append(measure(root))
+        print(f"{root}: {results[-1]['images']} images with ground truth; Spearman rank correlation with 1 - mIoU")
+        for name, value in results[-1]["spearman"].items():
             print(f"  {name:<15} {value:+.3f}")
+    if args.subsets:
+        print(f"combinations by their worst lead on the best single signal ({', '.join(args.root)}):")
+        for lead, names, rhos in subset_leads(results)[:args.subsets]:
+            print(f"  {lead:+.3f}  {' '.join(f'{r:+.3f}' for r in rhos)}  {'+'.join(names)}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def in_process(size: int, count: int, cam_net, irnet, device: torch.device) -> t
         t_cam, (cams, high_res) = timed(lambda: cam_step(image, class_ids), device)
         t_crf, _ = timed(lambda: mine_relations(image, high_res, class_ids, **crf), torch.device("cpu"))
         t_irn, out = timed(lambda: irn_step(image), device)
-        t_syn, (semantic, masks, _, _) = timed(lambda: synth_step(cams, class_ids, image, out), device)
+        t_syn, (semantic, _, masks, _, _) = timed(lambda: synth_step(cams, class_ids, image, out), device)
         times["cams"].append(t_cam)
         times["crf"].append(t_crf)
         times["irn_infer"].append(t_irn)

@@ -14,8 +14,10 @@ from pipeline.algorithms.synthesis import (
     cam_boundary_instance_labels,
     cam_instance_labels,
     cam_semantic_labels,
+    cam_semantic_scores,
     instance_labels,
     semantic_labels,
+    semantic_scores,
 )
 
 
@@ -184,6 +186,11 @@ def test_semantic_labels_match_random_walk():
     up = up / up.max()
     expected = np.where(up[0].numpy() > 0.25, 5, 0)
     np.testing.assert_array_equal(labels, expected)
+    # The scores the labels were chosen from: background 0.25, then the normalised walked CAM.
+    same, scores = semantic_scores(cams, [5], boundary, (32, 48))
+    np.testing.assert_array_equal(same, labels)
+    assert scores.dtype == np.float32 and scores.shape == (2, 32, 48) and np.all(scores[0] == 0.25)
+    np.testing.assert_allclose(scores[1], up[0].numpy(), rtol=1e-6)
 
 
 def test_boundary_splits_one_class_into_two_instances():
@@ -272,6 +279,11 @@ def test_cam_semantic_labels_threshold_and_argmax():
     assert labels[:, :4].tolist() == [[4] * 4] * 8 and np.all(labels[:, 10:] == 6)
     assert np.all(cam_semantic_labels(cams, [4, 6], (8, 12), bg_threshold=1.1) == 0)
     assert not cam_semantic_labels(np.zeros((0, 2, 3)), [], (8, 12)).any()
+    same, scores = cam_semantic_scores(cams, [4, 6], (8, 12))
+    np.testing.assert_array_equal(same, labels)
+    assert scores.shape == (3, 8, 12) and np.all(scores[0] == np.float32(0.15))
+    assert scores[1, 0, 0] == 1.0 and scores[2, 0, 0] == 0.0 and scores[2, 0, 11] == 1.0
+    assert cam_semantic_scores(np.zeros((0, 2, 3)), [], (8, 12))[1].shape == (1, 8, 12)
 
 
 def test_grid_mismatch_is_rejected():

@@ -12,10 +12,12 @@ Ablations of the paper's Tables 1 and 2, so the evaluation can report them:
 * :func:`cam_boundary_instance_labels` — CAMs propagated with the boundary map, connected
   components, no displacement field (Table 1, "CAM + Class Boundary").
 
-All of them share one scoring path (:func:`_winning_channels`: ×4 upsampling, crop, division by the
-global maximum, background channel, argmax) and the instance variants share one instance
-extraction (:func:`_split_into_instances`: 4-connected components with max-score and the
-small-fragment rule).
+All of them share one scoring path (:func:`_channel_scores`: ×4 upsampling, crop, division by the
+global maximum, background channel; :func:`_winning_channels`: their argmax) and the instance
+variants share one instance extraction (:func:`_split_into_instances`: 4-connected components with
+max-score and the small-fragment rule). :func:`semantic_scores` and :func:`cam_semantic_scores`
+return the semantic labels with the scores they were chosen from (the doubt signal ``walk_margin``
+reads how close the runner-up came).
 
 Default background thresholds: 0.25 for the propagated maps (official ``sem_seg_bg_thres`` and
 ``ins_seg_bg_thres``). The paper gives no value for thresholding raw CAMs; the CAM ablations use
@@ -37,11 +39,13 @@ from .propagation import random_walk
 
 __all__ = [
     "semantic_labels",
+    "semantic_scores",
     "semantic_sweep",
     "instance_labels",
     "instance_sweep",
     "pixel_groups",
     "cam_semantic_labels",
+    "cam_semantic_scores",
     "cam_instance_labels",
     "cam_boundary_instance_labels",
 ]
@@ -83,14 +87,26 @@ def _propagate(maps: torch.Tensor, boundary: torch.Tensor, *, beta: float, steps
     return random_walk(maps, boundary, beta=beta, steps=steps, radius=radius)
 
 
+def _channel_scores(maps: torch.Tensor, image_size: Sequence[int], bg_threshold: float) -> torch.Tensor:
+    """float32 [N + 1, H, W]: a constant background channel ``bg_threshold``, then the stride-4
+    score maps ``maps`` [N, h, w] upsampled ×4 (bilinear, align_corners=False), cropped to H×W and
+    divided by their global maximum (left as is when it is not positive)."""
+    height, width = int(image_size[0]), int(image_size[1])
+    if maps.shape[0] == 0:
+        return torch.full((1, height, width), bg_threshold, dtype=torch.float32, device=maps.device)
+    up = F.interpolate(maps.unsqueeze(0), scale_factor=4, mode="bilinear", align_corners=False)
+    up = up[0, :, :height, :width]
+    peak = up.max()
+    if peak > 0:
+        up = up / peak
+    return torch.cat([torch.full_like(up[:1], bg_threshold), up])
+
+
 def _winning_channels(
     maps: torch.Tensor, image_size: Sequence[int], bg_threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel winning channel of stride-4 score maps at full resolution.
-
-    Upsample ×4 (bilinear, align_corners=False), crop to H×W, divide by the global maximum (left
-    as is when it is not positive), prepend a constant background channel ``bg_threshold`` and
-    take the argmax.
+    """Per-pixel winning channel of stride-4 score maps at full resolution: the argmax of
+    :func:`_channel_scores`.
 
     Args:
         maps: float [N, h, w] non-negative score maps on the stride-4 grid.
@@ -99,17 +115,17 @@ def _winning_channels(
         (index, score): int64 [H, W] with 0 = background and n = channel n − 1, and float32 [H, W],
         the normalised score of the winning channel (``bg_threshold`` where background wins).
     """
-    height, width = int(image_size[0]), int(image_size[1])
-    if maps.shape[0] == 0:
-        return np.zeros((height, width), np.int64), np.full((height, width), bg_threshold, np.float32)
-    up = F.interpolate(maps.unsqueeze(0), scale_factor=4, mode="bilinear", align_corners=False)
-    up = up[0, :, :height, :width]
-    peak = up.max()
-    if peak > 0:
-        up = up / peak
-    background = torch.full_like(up[:1], bg_threshold)
-    score, index = torch.cat([background, up]).max(dim=0)
+    score, index = _channel_scores(maps, image_size, bg_threshold).max(dim=0)
     return index.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
+
+
+def _scored_labels(maps: torch.Tensor, lookup: np.ndarray, image_size: Sequence[int],
+                   bg_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [H, W] class ids by :func:`_winning_channels`, and the float32 [N + 1, H, W]
+    :func:`_channel_scores` they were chosen from."""
+    scores = _channel_scores(maps, image_size, bg_threshold)
+    index = scores.max(dim=0)[1].cpu().numpy().astype(np.int64)
+    return lookup[index].astype(np.uint8), scores.cpu().numpy().astype(np.float32)
 
 
 def _split_into_instances(
@@ -172,8 +188,19 @@ def semantic_labels(
     Returns:
         uint8 numpy [H, W]: 0 = background, else a class id from ``class_ids``.
     """
-    return semantic_sweep(cams, class_ids, boundary, image_size, bg_thresholds=[bg_threshold], beta=beta,
-                          steps=steps, radius=radius)[0]
+    return semantic_scores(cams, class_ids, boundary, image_size, bg_threshold=bg_threshold, beta=beta,
+                           steps=steps, radius=radius)[0]
+
+
+def semantic_scores(cams, class_ids, boundary, image_size: Sequence[int], *, bg_threshold: float = 0.25,
+                    beta: float = 10.0, steps: int = 256, radius: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`semantic_labels` and the scores its argmax chose from: float32 [K + 1, H, W], the
+    background ``bg_threshold`` first, then the walked CAMs divided by their global maximum (in
+    [0, 1]), in ``class_ids`` order."""
+    maps = _as_cams(cams, image_size)
+    lookup = _class_lookup(class_ids, maps.shape[0])
+    walked = _propagate(maps, _as_grid_map(boundary, maps, "boundary"), beta=beta, steps=steps, radius=radius)
+    return _scored_labels(walked, lookup, image_size, bg_threshold)
 
 
 def semantic_sweep(cams, class_ids, boundary, image_size: Sequence[int], *, bg_thresholds: Sequence[float],
@@ -292,10 +319,15 @@ def cam_semantic_labels(
     Returns:
         uint8 numpy [H, W]: 0 = background, else a class id.
     """
+    return cam_semantic_scores(cams, class_ids, image_size, bg_threshold=bg_threshold)[0]
+
+
+def cam_semantic_scores(cams, class_ids, image_size: Sequence[int], *, bg_threshold: float = _CAM_BG_THRESHOLD,
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cam_semantic_labels` and the float32 [K + 1, H, W] scores its argmax chose from
+    (as in :func:`semantic_scores`, without the walk)."""
     maps = _as_cams(cams, image_size)
-    lookup = _class_lookup(class_ids, maps.shape[0])
-    index, _ = _winning_channels(maps, image_size, bg_threshold)
-    return lookup[index].astype(np.uint8)
+    return _scored_labels(maps, _class_lookup(class_ids, maps.shape[0]), image_size, bg_threshold)
 
 
 def cam_instance_labels(

@@ -43,29 +43,37 @@ def grouping_args(params: SynthesisConfig) -> dict[str, Any]:
             "min_fragment": params.min_fragment, "grouping": params.grouping, "sigma": params.density_sigma}
 
 
+def semantic_scores(method: str, cams: torch.Tensor, class_ids: list[int], image_size: tuple[int, int],
+                    boundary: torch.Tensor | None, params: SynthesisConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Semantic map uint8 [H, W] by ``method`` and the float32 [K + 1, H, W] class scores it was
+    chosen from (background first; the walked CAMs, or the raw ones for ``cam``)."""
+    if method == "cam":
+        return algo.cam_semantic_scores(cams, class_ids, image_size, bg_threshold=params.cam_bg_threshold)
+    return algo.semantic_scores(cams, class_ids, boundary, image_size, bg_threshold=params.sem_bg_threshold,
+                                beta=params.beta, steps=params.steps, radius=params.radius)
+
+
 def synthesize(method: str, cams: np.ndarray, class_ids: list[int], image_size: tuple[int, int],
                boundary: torch.Tensor | None, displacement: torch.Tensor | None, params: SynthesisConfig,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Semantic map uint8 [H, W] and instances (masks bool [N, H, W], classes, scores) by ``method``."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Semantic map uint8 [H, W], its class scores (:func:`semantic_scores`) and instances (masks
+    bool [N, H, W], classes, scores) by ``method``."""
     walk = {"beta": params.beta, "steps": params.steps, "radius": params.radius}
     cams_t = torch.from_numpy(np.array(cams, dtype=np.float32))
     if boundary is not None:
         cams_t = cams_t.to(boundary.device)
+    semantic, class_scores = semantic_scores(method, cams_t, class_ids, image_size, boundary, params)
     if method == "cam":
-        semantic = algo.cam_semantic_labels(cams_t, class_ids, image_size, bg_threshold=params.cam_bg_threshold)
         instances = algo.cam_instance_labels(cams_t, class_ids, image_size, bg_threshold=params.cam_bg_threshold,
                                              min_fragment=params.min_fragment)
-        return (semantic, *instances)
-    semantic = algo.semantic_labels(cams_t, class_ids, boundary, image_size,
-                                    bg_threshold=params.sem_bg_threshold, **walk)
-    if method == "cam_boundary":
+    elif method == "cam_boundary":
         instances = algo.cam_boundary_instance_labels(cams_t, class_ids, boundary, image_size,
                                                       bg_threshold=params.ins_bg_threshold,
                                                       min_fragment=params.min_fragment, **walk)
     else:
         instances = algo.instance_labels(cams_t, class_ids, boundary, displacement, image_size,
                                          bg_threshold=params.ins_bg_threshold, **grouping_args(params), **walk)
-    return (semantic, *instances)
+    return (semantic, class_scores, *instances)
 
 
 def instance_id_map(masks: np.ndarray, scores: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
@@ -190,8 +198,8 @@ def label_and_write(batch: dict[str, np.ndarray], *, labels_dir: str, method: st
                 boundary = torch.from_numpy(batch["boundary"][i])
                 displacement = torch.from_numpy(batch["displacement"][i])
             cams, class_ids = batch["cams"][i], [int(c) for c in batch["class_ids"][i]]
-            semantic, masks, classes, scores = synthesize(method, cams, class_ids, size, boundary, displacement,
-                                                          section)
+            semantic, class_scores, masks, classes, scores = synthesize(method, cams, class_ids, size, boundary,
+                                                                        displacement, section)
             storage.write_bytes(layout.semantic_png(labels_dir, image_id), codecs.encode_semantic_png(semantic))
             storage.write_bytes(layout.instance_png(labels_dir, image_id),
                                 codecs.encode_instance_png(instance_id_map(masks, scores, size)))
@@ -202,7 +210,7 @@ def label_and_write(batch: dict[str, np.ndarray], *, labels_dir: str, method: st
         foreground = (semantic != 0) & (semantic != 255)
         cam_area = float((cams.max(axis=0) > section.cam_bg_threshold).mean()) if len(cams) else 0.0
         grid = None if boundary is None else boundary.float().cpu().numpy()
-        signals = doubt.image_signals(semantic, masks, scores, cams, class_ids, grid)
+        signals = doubt.image_signals(semantic, masks, scores, cams, class_ids, grid, class_scores)
         instance_doubts, _, _ = doubt.instance_doubt(masks, scores, grid)
         rows[i] = json.dumps(({"image_id": image_id, "key": str(batch["label_key"][i]), "uri": str(batch["uri"][i]),
                     "height": size[0], "width": size[1], "class_ids": class_ids, "num_instances": len(masks),
