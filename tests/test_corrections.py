@@ -4,6 +4,7 @@ of an image wins; a bad file is refused in one line with nothing stored."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs import correct, export, review
@@ -128,3 +130,55 @@ def test_bad_correction_files_are_refused_in_one_line_with_nothing_stored(run_ro
     assert "annotation 7" in _refused(run_root, variant("off.json", off))
     sized = {**good, "images": [{**image, "width": image["width"] + 1}]}
     assert "the image is" in _refused(run_root, variant("size.json", sized))
+
+
+def test_corrections_stick_verbatim_in_the_next_version_and_every_later_one(labelled, tmp_path):
+    from jobs import label
+
+    root = str(tmp_path / "run")
+    shutil.copytree(labelled["root"], root)
+    rerun = labelled["args"] + ["--set", f"run.root={root}", "--only", "synthesis", "--only", "publish"]
+    before = ledger.latest_version(root)
+    review.main(["--root", root, "--worst", "2", "--out", str(tmp_path / "review")])
+    document = json.loads((tmp_path / "review" / "annotations.json").read_text())
+    square, empty = document["images"]
+    document["annotations"] = [{"id": 1, "image_id": square["id"], "category_id": 1,
+                                "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}]
+    (tmp_path / "fixed.json").write_text(json.dumps(document))
+    name = correct.main(["--root", root, "--from", str(tmp_path / "fixed.json")])
+    corrected = {r["image_id"]: r for r in current_corrections(root)}
+
+    label.main(rerun)
+    version = ledger.latest_version(root)
+    assert version != before  # the corrections alone make a new version
+    labels_dir = layout.labels_dir(root, version)
+    index = {r["image_id"]: r for r in ledger.read_index(labels_dir).to_pylist()}
+    previous = {r["image_id"]: r for r in ledger.read_index(layout.labels_dir(root, before)).to_pylist()}
+    assert sorted(index) == sorted(previous)
+    for image_id, row in index.items():
+        if image_id not in corrected:
+            assert row["source"] == "irnet" and row["correction"] is None
+            assert row["semantic_uri"] == ledger.relative_to_sibling(pa.array([previous[image_id]["semantic_uri"]]),
+                                                                     before).to_pylist()[0]
+            continue
+        assert row["source"] == "human" and row["correction"] == name and row["doubt"] == 0
+        assert row["key"] == previous[image_id]["key"]  # IRNet's labels of it are still current
+        for column in ("semantic_uri", "instance_uri"):
+            assert np.array_equal(_png(storage.resolve(row[column], labels_dir)), _png(corrected[image_id][column]))
+        instances = codecs.read_parquet(storage.resolve(row["instances_uri"], labels_dir)).to_pylist()
+        assert [r["score"] for r in instances if r["image_id"] == image_id] == [1.0] * row["num_instances"]
+    image_id = square["file_name"].rsplit(".", 1)[0]
+    assert index[image_id]["num_instances"] == 1 and _png(corrected[image_id]["semantic_uri"]).sum() == 100
+    coco = json.loads(storage.read_text(layout.coco_file(labels_dir)))
+    sources = {im["file_name"]: im["source"] for im in coco["images"]}
+    assert {k for k, v in sources.items() if v == "human"} == set(corrected)
+    assert sum(a["image_id"] == next(im["id"] for im in coco["images"] if im["file_name"] == image_id)
+               for a in coco["annotations"]) == 1
+
+    label.main(rerun)  # nothing changed: no new version, the corrections still in force
+    assert ledger.latest_version(root) == version
+    export.main(["--root", root, "--format", "coco", "--out", str(tmp_path / "export")])
+    with open(tmp_path / "export" / "sources.csv") as f:
+        rows = {r["image_id"]: r for r in csv.DictReader(f)}
+    assert {k for k, r in rows.items() if r["source"] == "human"} == set(corrected)
+    assert all(rows[k]["correction"] == name for k in corrected)

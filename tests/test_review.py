@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from scipy import ndimage
 
 from jobs import review
 from pipeline import ledger
@@ -45,7 +46,7 @@ def test_the_ranking_and_coco_pre_annotations_of_the_worst_images(labelled, tmp_
         ranked = list(csv.DictReader(f))
     order = [(-float(r["doubt"]), r["image_id"]) for r in ranked]
     assert order == sorted(order) and len(ranked) == len(index)  # most in doubt first, ties by id
-    assert list(ranked[0]) == ["image_id", "doubt", *doubt.SIGNALS]
+    assert list(ranked[0]) == ["image_id", "source", "doubt", *doubt.SIGNALS]
     coco = COCO(str(out / "annotations.json"))
     images = coco.dataset["images"]
     assert [im["file_name"].rsplit(".", 1)[0] for im in images] == [r["image_id"] for r in ranked[:3]]
@@ -57,7 +58,11 @@ def test_the_ranking_and_coco_pre_annotations_of_the_worst_images(labelled, tmp_
         assert len(annotations) == len(masks)
         for annotation, mask in zip(annotations, masks.values()):
             drawn = coco.annToMask(annotation).astype(bool)
-            assert (drawn & mask).sum() / (drawn | mask).sum() > 0.85  # polygons simplified by <= 0.5 px
+            # Polygons simplified by <= 0.5 px: every pixel they get wrong touches the mask's outline.
+            outline = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+            assert not ((drawn ^ mask) & ~outline).any()
+            if mask.sum() >= 100:
+                assert (drawn & mask).sum() / (drawn | mask).sum() > 0.85
 
 
 def test_label_studio_tasks_hold_the_labels_as_polygon_predictions(labelled, tmp_path):
