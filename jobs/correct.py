@@ -7,7 +7,7 @@ none is background. The whole file is checked first (image ids in the run's mani
 the run, masks inside their images, a well-formed file): on any error one line names the entry,
 exit status 2, and nothing is stored. A valid file is stored under ``corrections/`` of the run
 root, never rewritten; the newest correction of an image wins. Holds the run root's lease while it
-writes. (Labelling runs do not yet put the corrections into their versions: docs/review.md.)
+writes. The next labelling run puts the corrections into its version, verbatim (docs/review.md).
 """
 
 from __future__ import annotations

@@ -48,10 +48,11 @@ So a nightly run (``run.retrain: auto``), stage by stage:
   in the latest version; every other image's row is carried into V's index as a *reference* to
   the version that labelled it (its PNGs and instance rows are never copied or rewritten). An
   image the manifest no longer lists leaves the index. A synthesis failure is retried when its uri
-  or key changed. With nothing labelled and nothing removed, no version is made
+  or key changed. With nothing labelled, removed or newly corrected, no version is made
   (:func:`version_needed`);
-* **publish** writes ``labels/V/index.parquet`` and ``coco.json``, records V in run.json, and only
-  then points ``labels/LATEST`` at V;
+* **publish** writes ``labels/V/index.parquet`` (each corrected image's row replaced by its newest
+  correction, :func:`apply_corrections`) and ``coco.json``, records V in run.json, and only then
+  points ``labels/LATEST`` at V;
 * **evaluate** (with ground truth) scores LATEST when its key changed: a new version, other
   ``eval`` settings, other ground truth; **report** is rebuilt when its key changed: a new version
   or evaluation, other previews, new segmenter results (:func:`is_current`, the rule of every
