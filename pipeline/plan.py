@@ -188,7 +188,12 @@ def build_index(root: str, manifest_dir: str, classes: list[str], cams_key: str,
     images = _images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
     missing = ledger.version_quarantine(rejects, images, ledger.quarantined(root, "cams", detail), current,
                                         synthesis_key, ledger.quarantined(root, stage, detail))
-    missing = tables.join_rows(missing, index, ["image_id"], "left anti")  # corrected: in the version
+    if index.num_rows:  # a corrected image whose CAMs or labels failed is in the version
+        human = index.filter(pc.equal(index.column("source"), "human")).select(["image_id"])
+        failed = pc.is_in(missing.column("stage"), pa.array(["cams", stage]))
+        missing = pa.concat_tables([missing.filter(pc.invert(failed)),
+                                    tables.join_rows(missing.filter(failed), human, ["image_id"], "left anti")]
+                                   ).sort_by([("image_id", "ascending"), ("stage", "ascending")])
     codecs.write_parquet(storage.join(labels_dir, "quarantine.parquet"), missing)
     return {**index_summary(index, classes), "quarantined": missing.num_rows}
 

@@ -352,7 +352,9 @@ def test_export_status_of_the_labelled_run(labelled, tmp_path):
     assert lines >= sum(r["num_instances"] for r in index)  # one line per connected part of each instance
     plain = export.main(["--root", root, "--format", "coco", "--out", str(tmp_path / "coco")])
     assert plain["annotations"] == len(coco.dataset["annotations"])
-    assert sorted(os.listdir(tmp_path / "coco")) == ["coco.json"]
+    assert sorted(os.listdir(tmp_path / "coco")) == ["coco.json", "sources.csv"]
+    sources = (tmp_path / "coco" / "sources.csv").read_text().split()
+    assert sources == ['"image_id","source","correction"'] + [f'"{r["image_id"]}","irnet",' for r in index]
     text = status.main(["--root", root])
     assert f"LATEST = {os.path.basename(labels_dir)}" in text and "synthesis" in text and "valid" in text
     assert "no run.json" in status.main(["--root", str(tmp_path / "nothing")])
