@@ -95,6 +95,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import __version__
 from pipeline.algorithms import doubt
@@ -636,7 +637,7 @@ def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, curren
         own = own.take(last.group_by("image_id").aggregate([("__row", "max")]).column("__row_max"))
     table = pa.concat_tables([conform(reused, INDEX_SCHEMA), conform(own, INDEX_SCHEMA)])
     table = apply_corrections(table, corrections if corrections is not None else CORRECTION_ROWS.empty_table())
-    human = np.array([s == "human" for s in table.column("source").to_pylist()], bool)
+    human = pc.equal(table.column("source"), "human").to_numpy(zero_copy_only=False).astype(bool)
     signals = np.stack([table.column(f"doubt_{name}").to_numpy(zero_copy_only=False).astype(np.float64)
                         for name in doubt.SIGNALS], axis=1) if table.num_rows else np.zeros((0, len(doubt.SIGNALS)))
     ranked = np.zeros(table.num_rows)  # a person's labels are not in doubt
@@ -651,8 +652,8 @@ def apply_corrections(index: pa.Table, corrections: pa.Table) -> pa.Table:
     IRNet did not label (its CAMs failed) gets a row too; the row keeps IRNet's label key, so a
     nightly run still knows IRNet's labels of the image are current. Other rows get source "irnet".
     Sorted by image_id."""
-    sources = ["irnet" if s is None else s for s in index.column("source").to_pylist()]
-    index = index.set_column(index.schema.get_field_index("source"), "source", pa.array(sources, pa.string()))
+    index = index.set_column(index.schema.get_field_index("source"), "source",
+                             pc.fill_null(index.column("source"), "irnet"))
     if corrections.num_rows == 0:
         return index.sort_by("image_id")
     kept = join_rows(index, corrections, ["image_id"], "left anti")
