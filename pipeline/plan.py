@@ -6,6 +6,7 @@ there, in Arrow, and only the pending rows (as an object reference) and counts r
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -119,14 +120,18 @@ def current_corrections(root: str) -> pa.Table:
     """The newest committed correction of each corrected image (ledger.CORRECTION_SCHEMA, URIs
     relative to its directory) with the correction's name in ``correction``, sorted by image_id.
     A directory without ``images.parquet`` is a correction whose writer died before its commit."""
-    rows: dict[str, dict[str, Any]] = {}
-    for directory in storage.list_dirs(layout.corrections_root(root)):  # names start with their stamp
+    def read(directory: str) -> list[dict[str, Any]]:
         committed = storage.join(directory, "images.parquet")
         if not storage.exists(committed):
-            continue
+            return []
         name = directory.rstrip("/").rsplit("/", 1)[-1]
-        for row in tables.conform(codecs.read_parquet(committed), ledger.CORRECTION_SCHEMA).to_pylist():
-            rows[row["image_id"]] = {**row, "correction": name}
+        table = tables.conform(codecs.read_parquet(committed), ledger.CORRECTION_SCHEMA)
+        return [{**row, "correction": name} for row in table.to_pylist()]
+
+    rows: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(16) as pool:  # names start with their stamp: later ones win
+        for found in pool.map(read, storage.list_dirs(layout.corrections_root(root))):
+            rows.update((row["image_id"], row) for row in found)
     schema = ledger.CORRECTION_SCHEMA.append(pa.field("correction", pa.string()))
     return pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=schema)
 
