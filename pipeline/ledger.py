@@ -166,8 +166,11 @@ def cams_key(cfg, classes: list[str], cam_model: str) -> str:
                         "relations": settings(cfg.relations), "max_pixels": cfg.data.max_pixels})
 
 
-def train_irn_key(cfg, cams: str | None) -> str:
-    return fingerprint({"train_irn": settings(cfg.train_irn, training=True), "cams": cams})
+def train_irn_key(cfg, cams: str | None, corrections: str | None = None) -> str:
+    """``corrections``: plan.training_corrections_digest; a new correction retrains IRNet (and so
+    relabels every image). A run without corrections keeps the key it had before they existed."""
+    parts = {"train_irn": settings(cfg.train_irn, training=True), "cams": cams}
+    return fingerprint({**parts, "corrections": corrections} if corrections else parts)
 
 
 def synthesis_key(cfg, classes: list[str], cams: str | None, models: list[str], method: str | None = None) -> str:

@@ -107,12 +107,45 @@ def cam_training_rows(manifest_dir: str, classes: list[str], *, held_out: bool =
     return table, table.num_rows, chance_loss
 
 
+def training_corrections(root: str, manifest_dir: str) -> pa.Table:
+    """The newest correction of each manifest image IRNet may train on (not held out), sorted by
+    image_id: (image_id, uri, correction, semantic_uri, instance_uri), the URIs absolute."""
+    corrections = current_corrections(root)
+    manifest = read_manifest(manifest_dir, ["image_id", "uri", "held_out"])
+    manifest = manifest.filter(pc.invert(manifest.column("held_out")))
+    corrections = tables.join_rows(corrections, manifest, ["image_id"], "inner", extra=["uri"])
+    names = corrections.column("correction").to_pylist()
+    absolute = {c: pa.array([storage.join(layout.correction_dir(root, n), v) for n, v in
+                             zip(names, corrections.column(c).to_pylist())], pa.string())
+                for c in ("semantic_uri", "instance_uri")}
+    return pa.table({"image_id": corrections.column("image_id"), "uri": corrections.column("uri"),
+                     "correction": corrections.column("correction"), **absolute})
+
+
+def training_corrections_digest(root: str, manifest_dir: str) -> str | None:
+    """What IRNet's training key takes from the corrections (ledger.train_irn_key): a digest of
+    the (image_id, correction) pairs of :func:`training_corrections`, None when there are none."""
+    corrections = training_corrections(root, manifest_dir)
+    if corrections.num_rows == 0:
+        return None
+    return ledger.fingerprint({"corrections": [[i, c] for i, c in zip(corrections.column("image_id").to_pylist(),
+                                                                      corrections.column("correction").to_pylist())]})
+
+
 def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str) -> tuple[pa.Table, int]:
-    """(uri, relation_uri) of the images IRNet trains on: not held out, with a current CAM row."""
+    """(uri, relation_uri, instance_uri) of the images IRNet trains on, sorted by image_id: those
+    not held out with a current CAM row, on their mined relation map (instance_uri null), and
+    those people corrected, on the correction's semantic and instance PNGs (a correction replaces
+    the mined labels; its image needs no CAM)."""
     current = current_cams(root, manifest_dir, classes, cams_key)
     current = current.filter(pc.invert(current.column("held_out")))
-    relations = pa.array([layout.relation_png(root, i) for i in current.column("image_id").to_pylist()], pa.string())
-    table = pa.table({"uri": current.column("uri"), "relation_uri": relations})
+    mined = {i: (u, layout.relation_png(root, i), None)
+             for i, u in zip(current.column("image_id").to_pylist(), current.column("uri").to_pylist())}
+    exact = training_corrections(root, manifest_dir).to_pylist()
+    rows = {**mined, **{r["image_id"]: (r["uri"], r["semantic_uri"], r["instance_uri"]) for r in exact}}
+    ids = sorted(rows)
+    table = pa.table({name: pa.array([rows[i][k] for i in ids], pa.string())
+                      for k, name in enumerate(("uri", "relation_uri", "instance_uri"))})
     return table, table.num_rows
 
 

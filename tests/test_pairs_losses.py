@@ -8,9 +8,11 @@ import torch
 
 from pipeline.algorithms.losses import irn_losses
 from pipeline.algorithms.pairs import (
+    centroid_offsets,
     destination_inside,
     destination_values,
     downsample_labels,
+    instance_relation_map,
     offset_path,
     path_affinities,
     relation_pair_labels,
@@ -205,7 +207,7 @@ def _hand_losses(logits: np.ndarray, disp: np.ndarray) -> dict:
     p_bg, p_fg, n = mean(terms["bg"], 1), mean(terms["fg"], 4), mean(terms["neg"], 6)
     d_fg, d_bg = mean(terms["dfg"], 2 * 4), mean(terms["dbg"], 2 * 1)
     l_aff = ((p_bg + p_fg) / 2 + n) / 2
-    return {"P_bg": p_bg, "P_fg": p_fg, "N": n, "L_aff": l_aff, "D_fg": d_fg, "D_bg": d_bg,
+    return {"P_bg": p_bg, "P_fg": p_fg, "N": n, "L_aff": l_aff, "D_fg": d_fg, "D_bg": d_bg, "D_exact": 0.0,
             "total": l_aff + (d_fg + d_bg) / 2}
 
 
@@ -222,6 +224,71 @@ def test_loss_values_by_hand():
     assert set(losses) == set(expected)
     for name, value in expected.items():
         assert float(losses[name]) == pytest.approx(value, rel=1e-4), name
+
+
+def test_exact_displacement_term_by_hand():
+    """Corrected images add D_exact = mean |D - target| over the known targets; NaN targets (every
+    image nobody corrected) leave the official loss exactly as it was."""
+    logits = torch.tensor([[-2.0, 0.5, -1.0], [1.5, -0.5, 0.0]]).expand(2, 1, 2, 3)
+    disp = torch.tensor([[[0.5, -1.0, 2.0], [0.0, 1.0, -0.5]], [[1.0, 3.0, -2.0], [0.25, 0.0, 1.0]]]).expand(2, 2, 2, 3)
+    masks = [m.unsqueeze(0).repeat(2, 1, 1, 1) for m in relation_pair_labels(LOSS_RELATIONS, 2)]
+    official = irn_losses(logits, disp, *masks, radius=2)
+    unknown = irn_losses(logits, disp, *masks, radius=2, target=torch.full((2, 2, 2, 3), float("nan")))
+    assert float(unknown["total"]) == float(official["total"]) and float(unknown["D_exact"]) == 0.0
+    target = torch.full((2, 2, 2, 3), float("nan"))
+    target[1, :, 0, 1] = torch.tensor([2.0, -1.0])  # image 1, pixel (0, 1): D there is (-1.0, 3.0)
+    target[1, 0, 1, 2] = 0.0  # and one coordinate of pixel (1, 2): D is -0.5
+    losses = irn_losses(logits, disp, *masks, radius=2, target=target)
+    expected = (abs(-1.0 - 2.0) + abs(3.0 + 1.0) + abs(-0.5 - 0.0)) / (3 + 1e-5)
+    assert float(losses["D_exact"]) == pytest.approx(expected, rel=1e-5)
+    assert float(losses["total"]) == pytest.approx(float(official["total"]) + expected / 2, rel=1e-5)
+
+
+def test_exact_relation_map_and_centroid_offsets_against_a_pixel_loop():
+    rng = np.random.default_rng(3)
+    semantic = rng.choice([0, 1, 2, 255], size=(9, 11), p=[0.4, 0.25, 0.25, 0.1]).astype(np.uint8)
+    instances = rng.integers(0, 4, size=(9, 11)).astype(np.uint16)
+    instances[0, 0], semantic[0, 0] = 300, 1  # past id 254: no exact label
+    relation = instance_relation_map(semantic, instances)
+    offsets = centroid_offsets(relation)
+    for y in range(9):
+        for x in range(11):
+            s, i = int(semantic[y, x]), int(instances[y, x])
+            expected = 0 if s == 0 else (i if s != 255 and 1 <= i <= 254 else 255)
+            assert relation[y, x] == expected
+            if expected == 255:
+                assert np.isnan(offsets[:, y, x]).all()
+                continue
+            if expected == 0:
+                assert (offsets[:, y, x] == 0).all()
+                continue
+            ys, xs = np.nonzero(relation == expected)
+            assert offsets[:, y, x] == pytest.approx([ys.mean() - y, xs.mean() - x], abs=1e-5)
+
+
+def test_exact_targets_point_at_the_centroid_of_the_whole_instance_after_rescale_flip_and_crop():
+    from pipeline.data.transforms import irn_train_sample
+
+    relation = np.zeros((64, 80), np.uint8)
+    relation[8:40, 4:60] = 1  # wider than the crop: the crop cuts it
+    relation[44:60, 62:78] = 2
+    image = np.zeros((64, 80, 3), np.uint8)
+    image[..., 0] = relation * 100
+    cut = 0
+    for seed in range(6):
+        _, label, offsets = irn_train_sample(image, relation, np.random.default_rng(seed), rescale=(0.7, 1.3),
+                                             crop=48, exact=True)
+        for instance in (1, 2):
+            ys, xs = np.nonzero(label == instance)
+            if len(ys) == 0:
+                continue
+            # every pixel of an instance points at one spot, the whole (rescaled, flipped) instance's
+            # centroid, which lies off the crop's own part of a cut instance
+            centres = np.stack([ys + offsets[0, ys, xs], xs + offsets[1, ys, xs]], 1)
+            assert np.ptp(centres, axis=0).max() < 1e-3
+            cut += np.abs(centres[0] - [ys.mean(), xs.mean()]).max() > 2
+        assert (offsets[:, label == 0] == 0).all() and np.isnan(offsets[:, label == 255]).all()
+    assert cut  # the check saw instances cut by the crop
 
 
 def test_empty_label_sets_give_zero_not_nan():

@@ -164,8 +164,8 @@ def downsample_labels(label, *, stride: int = 4):
     cell: row ``4i + 2`` when H is a multiple of 4 (likewise for columns).
 
     Args:
-        label: integer [H, W] (numpy array or torch tensor), e.g. 0 background, 1..C, 255 ignore.
-    Returns: same type and dtype, [ceil(H/stride), ceil(W/stride)].
+        label: [..., H, W] (numpy array or torch tensor), e.g. 0 background, 1..C, 255 ignore.
+    Returns: same type and dtype, [..., ceil(H/stride), ceil(W/stride)].
     """
     height, width = label.shape[-2:]
     h, w = -(-height // stride), -(-width // stride)
@@ -173,7 +173,45 @@ def downsample_labels(label, *, stride: int = 4):
     cols = np.minimum(((np.arange(w) + 0.5) * width / w).astype(np.int64), width - 1)
     if torch.is_tensor(label):
         rows, cols = torch.from_numpy(rows).to(label.device), torch.from_numpy(cols).to(label.device)
-    return label[rows[:, None], cols[None, :]]
+    return label[..., rows[:, None], cols[None, :]]
+
+
+def instance_relation_map(semantic: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """The exact relation map of an image people labelled: its instance ids in place of class ids,
+    so that :func:`relation_pair_labels` makes pairs within one instance positive and pairs across
+    two instances (of one class too) negative.
+
+    Args:
+        semantic: integer [H, W], 0 background, 1..C class, 255 ignore.
+        instances: integer [H, W], instance ids (0 none).
+    Returns: uint8 [H, W]: 0 on background, the instance id (1..254) on its class pixels, 255 on
+        ignored pixels, class pixels without an instance and instances past id 254.
+    """
+    out = np.full(semantic.shape, IGNORE_LABEL, np.uint8)
+    out[semantic == 0] = 0
+    labelled = (semantic != 0) & (semantic != IGNORE_LABEL) & (instances >= 1) & (instances < IGNORE_LABEL)
+    out[labelled] = instances[labelled]
+    return out
+
+
+def centroid_offsets(relation: np.ndarray) -> np.ndarray:
+    """Each pixel's offset to the centroid of its instance, the exact displacement of Eq. 1.
+
+    Args:
+        relation: integer [H, W] from :func:`instance_relation_map` (0 background, 1..254
+            instance, 255 ignore).
+    Returns: float32 [2, H, W] of (dy, dx) in pixels: c - x for instance pixels (c: the mean
+        position of the instance's pixels), 0 on background, NaN on ignored pixels.
+    """
+    height, width = relation.shape
+    ids = relation.astype(np.int64).ravel()
+    ys, xs = np.divmod(np.arange(height * width), width)
+    count = np.maximum(np.bincount(ids, minlength=256), 1)
+    centre_y, centre_x = np.bincount(ids, ys, 256) / count, np.bincount(ids, xs, 256) / count
+    out = np.stack([centre_y[ids] - ys, centre_x[ids] - xs]).astype(np.float32)
+    out[:, ids == 0] = 0.0
+    out[:, ids == IGNORE_LABEL] = np.nan
+    return out.reshape(2, height, width)
 
 
 def source_interior(height: int, width: int, radius: int, *, device=None) -> torch.Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from pipeline.algorithms.pairs import centroid_offsets
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IGNORE = 255
@@ -49,25 +51,33 @@ def held_out_input(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _crop_window(height: int, width: int, crop: int, rng: np.random.Generator):
+    """Source and destination slices of a random crop x crop window (padding a smaller side at a
+    random offset)."""
+    sy = int(rng.integers(0, height - crop + 1)) if height > crop else 0
+    sx = int(rng.integers(0, width - crop + 1)) if width > crop else 0
+    dy = int(rng.integers(0, crop - height + 1)) if height < crop else 0
+    dx = int(rng.integers(0, crop - width + 1)) if width < crop else 0
+    h, w = min(crop, height), min(crop, width)
+    return (slice(sy, sy + h), slice(sx, sx + w)), (slice(dy, dy + h), slice(dx, dx + w))
+
+
+def _paste(array: np.ndarray, window, crop: int, fill) -> np.ndarray:
+    """``array`` [..., H, W] cut at the window's source into a [..., crop, crop] array of ``fill``."""
+    (source_y, source_x), (to_y, to_x) = window
+    out = np.full(array.shape[:-2] + (crop, crop), fill, array.dtype)
+    out[..., to_y, to_x] = array[..., source_y, source_x]
+    return out
+
+
 def random_crop(image: np.ndarray, label: np.ndarray | None, crop: int, rng: np.random.Generator,
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A random crop x crop window; a smaller side is padded (image 0, label 255) at a random offset.
 
     image: float32 [3, H, W] (already normalised, so 0 is the mean colour); label: uint8 [H, W].
     """
-    _, height, width = image.shape
-    out_image = np.zeros((3, crop, crop), np.float32)
-    out_label = np.full((crop, crop), IGNORE, np.uint8) if label is not None else None
-    # Source window (cropping when larger) and destination offset (padding when smaller).
-    sy = int(rng.integers(0, height - crop + 1)) if height > crop else 0
-    sx = int(rng.integers(0, width - crop + 1)) if width > crop else 0
-    dy = int(rng.integers(0, crop - height + 1)) if height < crop else 0
-    dx = int(rng.integers(0, crop - width + 1)) if width < crop else 0
-    h, w = min(crop, height), min(crop, width)
-    out_image[:, dy:dy + h, dx:dx + w] = image[:, sy:sy + h, sx:sx + w]
-    if label is not None:
-        out_label[dy:dy + h, dx:dx + w] = label[sy:sy + h, sx:sx + w]
-    return out_image, out_label
+    window = _crop_window(image.shape[1], image.shape[2], crop, rng)
+    return _paste(image, window, crop, 0.0), (_paste(label, window, crop, IGNORE) if label is not None else None)
 
 
 def cam_train_sample(image: np.ndarray, rng: np.random.Generator, *, resize_long: tuple[int, int],
@@ -85,15 +95,22 @@ def cam_train_sample(image: np.ndarray, rng: np.random.Generator, *, resize_long
 
 
 def irn_train_sample(image: np.ndarray, relation: np.ndarray, rng: np.random.Generator, *,
-                     rescale: tuple[float, float], crop: int) -> tuple[np.ndarray, np.ndarray]:
+                     rescale: tuple[float, float], crop: int, exact: bool = False):
     """IRNet training augmentation: random rescale, flip, normalise, crop image and relation map.
 
     image: uint8 [H, W, 3]; relation: uint8 [H, W] (0 bg, class id, 255 ignore)
-    -> (float32 [3, crop, crop], uint8 [crop, crop]).
+    -> (float32 [3, crop, crop], uint8 [crop, crop]). With ``exact`` the relation map holds
+    instance ids (a corrected image) and a third output is float32 [2, crop, crop], each pixel's
+    offset to its instance's centroid (:func:`pipeline.algorithms.pairs.centroid_offsets`),
+    taken before the crop, so an instance the crop cuts keeps its true centroid.
     """
     height, width = image.shape[:2]
     size = scaled_size(height, width, float(rng.uniform(rescale[0], rescale[1])))
     image, relation = resize_image(image, size), resize_label(relation, size)
     if rng.random() < 0.5:
         image, relation = image[:, ::-1], relation[:, ::-1]
-    return random_crop(normalize(image), np.ascontiguousarray(relation), crop, rng)
+    window = _crop_window(size[0], size[1], crop, rng)
+    out = _paste(normalize(image), window, crop, 0.0), _paste(np.ascontiguousarray(relation), window, crop, IGNORE)
+    if not exact:
+        return out
+    return (*out, _paste(centroid_offsets(relation), window, crop, np.nan))

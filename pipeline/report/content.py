@@ -208,8 +208,8 @@ def build_report(run) -> dict[str, Any]:
     summary = run.state.labels["versions"].get(version, {})
     overview = {"run root": run.root, "labels version": version, "manifest": manifest.get("uri"),
                 "valid images": manifest.get("valid"), "quarantined in manifest": manifest.get("quarantined"),
-                "labelled images": summary.get("images"), "instances": summary.get("instances"),
-                "classes": ", ".join(run.classes), "synthesis method": run.cfg.synthesis.method}
+                "labelled images": summary.get("images"), "corrected by people": summary.get("corrected", 0),
+                "instances": summary.get("instances"), "classes": ", ".join(run.classes), "synthesis method": run.cfg.synthesis.method}
     health = health_figures(summary.get("health") or {})
     tables = []
     if segmenters:

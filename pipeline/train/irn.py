@@ -18,9 +18,9 @@ import torch
 
 from pipeline import ledger, plan, tasks
 from pipeline.algorithms.losses import irn_losses
-from pipeline.algorithms.pairs import downsample_labels, relation_pair_labels
+from pipeline.algorithms.pairs import downsample_labels, instance_relation_map, relation_pair_labels
 from pipeline.config import Config
-from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
+from pipeline.data.images import UNREADABLE, read_inputs, read_label, unreadable_reason
 from pipeline.data.transforms import irn_train_sample, normalize
 from pipeline.io import layout
 from pipeline.models.irnet import build_irnet
@@ -32,30 +32,49 @@ log = logging.getLogger(__name__)
 
 
 class IrnSamples:
-    """Sample maker (pipeline.train.inputs) of IRNet: rows (uri, relation_uri) -> augmented crops
-    and stride-4 relation maps; :meth:`plain` gives the normalised image padded/cropped at the top
-    left, for measuring the mean displacement."""
+    """Sample maker (pipeline.train.inputs) of IRNet: rows (uri, relation_uri, instance_uri) ->
+    augmented crops, stride-4 relation maps and exact displacement targets; :meth:`plain` gives
+    the normalised image padded/cropped at the top left, for measuring the mean displacement.
 
-    decoded_keys = ("image", "relation")
-    sample_keys = ("image", "relation")
+    A row with an ``instance_uri`` is an image people labelled (plan.irn_training_rows): its
+    relation map is the correction's semantic PNG with its instance ids in place of class ids
+    (algorithms.pairs.instance_relation_map: exact pairs, touching instances apart), and its
+    target is each pixel's offset to its instance's centroid in grid units (NaN elsewhere, and on
+    every other image)."""
+
+    decoded_keys = ("image", "relation", "exact")
+    sample_keys = ("image", "relation", "target")
 
     def __init__(self, *, rescale: list[float], crop: int, max_pixels: int):
         self.rescale, self.crop, self.max_pixels = tuple(rescale), crop, max_pixels
 
     def decode(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        uri = row["uri"]
+        uri, instance_uri = row["uri"], row.get("instance_uri")
+        instance_uri = instance_uri if isinstance(instance_uri, str) else None  # null: Ray gives None or NaN
         try:
             image, relation = read_inputs(uri, row["relation_uri"], max_pixels=self.max_pixels,
                                           label_name="relation map")
+            if instance_uri:
+                instances = read_label(instance_uri)
+                if instances.shape != relation.shape:
+                    raise ValueError(f"instance map {instances.shape} does not match the image {relation.shape}")
+                relation = instance_relation_map(relation, instances)
         except UNREADABLE as err:
             log.warning("skipping %s in IRNet training: %s", uri, unreadable_reason(err))
             return None
-        return {"image": image, "relation": relation}
+        return {"image": image, "relation": relation, "exact": np.array([bool(instance_uri)])}
+
+    def _no_target(self) -> np.ndarray:
+        side = -(-self.crop // 4)
+        return np.full((2, side, side), np.nan, np.float32)
 
     def augment(self, decoded: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        crop, label = irn_train_sample(np.asarray(decoded["image"]), np.asarray(decoded["relation"]), rng,
-                                       rescale=self.rescale, crop=self.crop)
-        return {"image": crop, "relation": np.ascontiguousarray(downsample_labels(label))}
+        exact = bool(np.asarray(decoded["exact"])[0])
+        crop, label, *offsets = irn_train_sample(np.asarray(decoded["image"]), np.asarray(decoded["relation"]), rng,
+                                                 rescale=self.rescale, crop=self.crop, exact=exact)
+        target = downsample_labels(offsets[0]) / 4 if exact else self._no_target()  # pixels -> grid units
+        return {"image": crop, "relation": np.ascontiguousarray(downsample_labels(label)),
+                "target": np.ascontiguousarray(target, np.float32)}
 
     def plain(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         image, relation = np.asarray(decoded["image"]), np.asarray(decoded["relation"])
@@ -65,11 +84,13 @@ class IrnSamples:
         out_label = np.full((self.crop, self.crop), 255, np.uint8)
         out_image[:, : norm.shape[1], : norm.shape[2]] = norm
         out_label[: relation.shape[0], : relation.shape[1]] = relation
-        return {"image": out_image, "relation": np.ascontiguousarray(downsample_labels(out_label))}
+        return {"image": out_image, "relation": np.ascontiguousarray(downsample_labels(out_label)),
+                "target": self._no_target()}
 
     def collate(self, rows: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
         return {"image": inputs.stack(rows, "image", device, np.float32),
-                "relation": inputs.stack(rows, "relation", device, np.uint8)}
+                "relation": inputs.stack(rows, "relation", device, np.uint8),
+                "target": inputs.stack(rows, "target", device, np.float32)}
 
 
 def irn_samples(config: dict[str, Any]) -> IrnSamples:
@@ -122,7 +143,8 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
         bg, fg, neg = _pair_labels(batch["relation"], radius)
         with common.autocast(batch["image"].device, config["bf16"]):
             out = net(batch["image"])
-        return irn_losses(out.boundary_logits.float(), out.displacement.float(), bg, fg, neg, radius=radius)["total"]
+        return irn_losses(out.boundary_logits.float(), out.displacement.float(), bg, fg, neg, radius=radius,
+                          target=batch["target"])["total"]
 
     maker = irn_samples(config)
 
@@ -145,7 +167,7 @@ def train_irn_loop(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def irn_train_datasets(table_ref, maker: IrnSamples, *, decode_once: bool) -> dict:
-    """Ray Datasets from a table (uri, relation_uri) made by a planning task: 'train' (decoded
+    """Ray Datasets from a table (uri, relation_uri, instance_uri) made by a planning task: 'train' (decoded
     once, or streamed augmented), and when streamed 'mean' (plain inputs)."""
     # 0.25 CPU per decode actor: with the trainer's CPU, both streamed datasets' pools fit on 2 cores.
     if decode_once:
@@ -155,7 +177,7 @@ def irn_train_datasets(table_ref, maker: IrnSamples, *, decode_once: bool) -> di
 
 
 def train_irn(cfg: Config, table_ref, num_images: int, *, name: str = "irn") -> dict[str, Any]:
-    """Train on the ``num_images`` rows (uri, relation_uri) behind ``table_ref``
+    """Train on the ``num_images`` rows (uri, relation_uri, instance_uri) behind ``table_ref``
     (plan.irn_training_rows) and export ``<root>/models/irn/model.pt``."""
     section = cfg.train_irn
     max_step = section.epochs * common.steps_per_epoch(num_images, section.batch_size, section.num_workers)
@@ -175,7 +197,9 @@ def train_irn(cfg: Config, table_ref, num_images: int, *, name: str = "irn") -> 
 
 def stage_train_irn(run: ledger.Run) -> dict[str, Any]:
     cams_key = run.recorded_cams_key()
-    key = ledger.train_irn_key(run.cfg, cams_key)
+    corrections = tasks.get(tasks.run_task(plan.training_corrections_digest, run.root, run.manifest_dir,
+                                           num_cpus=run.cfg.run.io_cpus))
+    key = ledger.train_irn_key(run.cfg, cams_key, corrections)
 
     def train(name: str) -> dict[str, Any]:
         table_ref, count_ref = tasks.run_task(plan.irn_training_rows, run.root, run.manifest_dir, run.classes,
