@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs import correct, label  # noqa: E402
-from pipeline import ledger, plan  # noqa: E402
+from pipeline import label_tables, ledger, plan  # noqa: E402
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou  # noqa: E402
 from pipeline.data.images import read_label  # noqa: E402
 from pipeline.io import codecs, layout, storage  # noqa: E402
@@ -78,7 +78,7 @@ def image_parts(root: str, truth: dict[str, dict], classes: list[str], *, perfec
     (pipeline.algorithms.metrics), of its labels or, ``perfect``, of its ground truth itself (what
     a correction that copies the ground truth gives it)."""
     labels_dir = layout.labels_dir(root, ledger.latest_version(root))
-    index = [r for r in ledger.read_index(labels_dir).to_pylist() if r["image_id"] in truth]
+    index = [r for r in label_tables.read_index(labels_dir).to_pylist() if r["image_id"] in truth]
     shards: dict[str, dict[str, list[dict]]] = {}
     parts = {}
     for row in index:

@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import ledger, plan  # noqa: E402
+from pipeline import label_tables, ledger, plan  # noqa: E402
 from pipeline.algorithms import doubt  # noqa: E402
 from pipeline.config import SynthesisConfig  # noqa: E402
 from pipeline.data.images import read_inputs, read_label  # noqa: E402
@@ -55,7 +55,7 @@ def measure(root: str) -> dict:
     labels_dir = layout.labels_dir(root, version)
     manifest_dir = layout.manifest_dir(root, state["manifest"]["stamp"])
     config = state["config"]
-    index = ledger.read_index(labels_dir).to_pylist()
+    index = label_tables.read_index(labels_dir).to_pylist()
     gt = {r["image_id"]: r for r in plan.read_manifest(manifest_dir, ["image_id", "gt_semantic_uri"]).to_pylist()}
     cams_key = state["stages"]["cams"]["key"]
     current = plan.current_cams(root, manifest_dir, state["manifest"]["classes"], cams_key)

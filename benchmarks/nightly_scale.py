@@ -122,7 +122,7 @@ def build_root(root: str, records: list[dict], data: str, args: list[str]) -> tu
     import torch
 
     from jobs import _cli
-    from pipeline import ledger
+    from pipeline import label_tables, ledger
     from pipeline.io import codecs, layout, storage
     from pipeline.models.cam_net import build_cam_net
     from pipeline.models.irnet import build_irnet
@@ -185,8 +185,8 @@ def build_root(root: str, records: list[dict], data: str, args: list[str]) -> tu
                            "height": SIZE, "width": SIZE, "class_ids": tags, "num_instances": 1,
                            "semantic_uri": f"semantic/{image_id}.png", "instance_uri": f"instance/{image_id}.png",
                            "instances_uri": None, "fg_fraction": 144 / SIZE**2, "cam_fraction": 1.0})
-        ledger.commit_labels(labels_dir, images, instances, coco_part(instances))
-    index_table = ledger.labelled_rows(labels_dir).sort_by("image_id")
+        label_tables.commit_labels(labels_dir, images, instances, coco_part(instances))
+    index_table = label_tables.labelled_rows(labels_dir).sort_by("image_id")
     codecs.write_parquet(layout.index_file(labels_dir), index_table)
     write_coco(labels_dir, CLASSES)
     state.labels["pending"] = {"name": "v0", "key": synthesis_key, "base": None}

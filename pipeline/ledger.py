@@ -16,7 +16,8 @@ use_model        the given file's content, depth, classes                    run
 held-out score   the CAM model file's hash (measured once per model)         run.json ``train_cam.held_out``
 cams             hash of the CAM model file (or the ``cams.source``),        run.json stages
                  classes, ``cams``/``relations`` settings, ``max_pixels``
-train_irn        ``train_irn`` settings, the cams key                        run.json stages
+train_irn        ``train_irn`` settings, the cams key, the corrections of    run.json stages
+                 its training images (plan.training_corrections_digest)
 synthesis        ``synthesis`` settings, classes, the cams key, model hashes run.json labels
 CAM row          H(cams key, the image's class ids)                          ``key`` of CAM rows
 label row        H(synthesis key, CAM row key)                               ``key`` of label rows
@@ -37,7 +38,9 @@ So a nightly run (``run.retrain: auto``), stage by stage:
   (``manifest/<stamp>/unreadable.parquet``, see :func:`plan_probe`);
 * **train_cam**, **train_irn** (and the segmenters of ``jobs.train_segmenter``) retrain a network
   only when its key changed, its model is missing, or a run died mid-training (it then resumes
-  from the checkpoint): :func:`train_network`, the one train-then-mark-trained commit rule. A
+  from the checkpoint): :func:`train_network`, the one train-then-mark-trained commit rule. New
+  corrections of IRNet's training images change its key: IRNet retrains on them, which relabels
+  every image (the synthesis key holds the model's hash). A
   ``use_model`` file is imported once per content (:func:`use_model_key`); the CAM network's
   held-out score is measured once per model file (:func:`current_held_out`);
 * **cams** computes CAMs and relations for manifest rows without a CAM row of their current key:
@@ -51,7 +54,7 @@ So a nightly run (``run.retrain: auto``), stage by stage:
   or key changed. With nothing labelled, removed or newly corrected, no version is made
   (:func:`version_needed`);
 * **publish** writes ``labels/V/index.parquet`` (each corrected image's row replaced by its newest
-  correction, :func:`apply_corrections`) and ``coco.json``, records V in run.json, and only then
+  correction, :func:`pipeline.label_tables.apply_corrections`) and ``coco.json``, records V in run.json, and only then
   points ``labels/LATEST`` at V;
 * **evaluate** (with ground truth) scores LATEST when its key changed: a new version, other
   ``eval`` settings, other ground truth; **report** is rebuilt when its key changed: a new version
@@ -103,6 +106,7 @@ from pipeline.config import Config
 from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage
 from pipeline.io.tables import conform, join_rows, read_shards
+from pipeline.label_tables import CORRECTION_ROWS, INDEX_SCHEMA, URI_COLUMNS, apply_corrections, relative_to_sibling
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -445,8 +449,8 @@ def version_needed(state: RunState, pending: dict[str, Any], *, labelled: int, r
                    corrected: int = 0) -> bool:
     """After synthesis wrote ``pending``'s labels: is there a new version to publish? A resumed or
     first version is; a new one on top of LATEST only when it labelled or removed an image, or
-    people corrected one since (:func:`corrections_changed`). The answer is recorded: the pending
-    version is marked complete (for publish), or dropped."""
+    people corrected one since (:func:`pipeline.label_tables.corrections_changed`). The answer is
+    recorded: the pending version is marked complete (for publish), or dropped."""
     if pending["resumed"] or not pending["base"] or labelled or removed or corrected:
         state.labels["pending"]["complete"] = True
         state.save()
@@ -615,13 +619,6 @@ def plan_synthesis(current: pa.Table, synthesis_key: str, base_index: pa.Table, 
     return reused, pending, counts
 
 
-def relative_to_sibling(uris: pa.Array, version: str) -> pa.Array:
-    """URIs relative to ``labels/<version>/`` rewritten relative to a sibling version directory
-    (``semantic/x.png`` -> ``../<version>/semantic/x.png``; ``../v0/...`` stays)."""
-    values = uris.to_pylist()
-    return pa.array([u if u.startswith("../") else f"../{version}/{u}" for u in values], pa.string())
-
-
 def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, current: pa.Table,
                   synthesis_key: str, corrections: pa.Table | None = None) -> pa.Table:
     """The index of a version: the reused rows (re-pointed at ``base``) and the rows it labelled
@@ -647,108 +644,3 @@ def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, curren
     ranked[~human] = doubt.version_doubt(signals[~human])
     return table.set_column(table.schema.get_field_index("doubt"), "doubt",
                             pa.array(ranked, pa.float32(), mask=np.isnan(ranked)))
-
-
-def apply_corrections(index: pa.Table, corrections: pa.Table) -> pa.Table:
-    """``index`` (INDEX_SCHEMA) with every corrected image's row replaced by its correction,
-    verbatim: source "human", the correction's PNGs and instance rows, no doubt. An image that
-    IRNet did not label (its CAMs failed) gets a row too; the row keeps IRNet's label key, so a
-    nightly run still knows IRNet's labels of the image are current. Other rows get source "irnet".
-    Sorted by image_id."""
-    index = index.set_column(index.schema.get_field_index("source"), "source",
-                             pc.fill_null(index.column("source"), "irnet"))
-    if corrections.num_rows == 0:
-        return index.sort_by("image_id")
-    kept = join_rows(index, corrections, ["image_id"], "left anti")
-    labelled = join_rows(index, corrections, ["image_id"], "inner", extra=[])
-    carried = {r["image_id"]: r for r in labelled.select(["image_id", "key", "cam_fraction"]).to_pylist()}
-    rows = []
-    for row in corrections.to_pylist():
-        own = carried.get(row["image_id"], {})
-        rows.append({**{c: row[c] for c in CORRECTION_ROWS.names if c != "correction"},
-                     "key": own.get("key"), "cam_fraction": own.get("cam_fraction"), "source": "human",
-                     "correction": row["correction"], "doubt": 0.0,
-                     **{f"doubt_{name}": 0.0 for name in doubt.SIGNALS}})
-    human = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    return pa.concat_tables([kept, human]).sort_by("image_id")
-
-
-def corrections_changed(base_index: pa.Table, corrections: pa.Table) -> int:
-    """How many images the ``corrections`` (CORRECTION_ROWS) label otherwise than the base
-    version's index does: corrected since, or by a newer correction."""
-    applied = conform(base_index, INDEX_SCHEMA).select(["image_id", "correction"])
-    return join_rows(corrections, applied, ["image_id", "correction"], "left anti").num_rows
-
-
-# ------------------------------------------------------------------------------ labels schemas
-
-URI_COLUMNS = ("semantic_uri", "instance_uri", "instances_uri")
-# One row per labelled image; in a version's images/ shards (commit records of the images it
-# labelled) and in its index.parquet (every image of the version). URIs are relative to the
-# version's directory, and may point into an earlier version (../<V>/...).
-INDEX_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("key", pa.string()), ("uri", pa.string()), ("height", pa.int32()),
-    ("width", pa.int32()), ("class_ids", pa.list_(pa.int32())), ("num_instances", pa.int32()),
-    ("semantic_uri", pa.string()), ("instance_uri", pa.string()), ("instances_uri", pa.string()),
-    ("fg_fraction", pa.float32()), ("cam_fraction", pa.float32()),
-    # How much to doubt the image's labels (pipeline.algorithms.doubt): each signal, and their
-    # combination ranked within the version (null in rows labelled before doubt existed).
-    *[(f"doubt_{name}", pa.float32()) for name in doubt.SIGNALS], ("doubt", pa.float32()),
-    # Who made the labels: "irnet", or "human" (a correction, named in ``correction``, applied
-    # verbatim; null in rows written before corrections existed: read as "irnet").
-    ("source", pa.string()), ("correction", pa.string()),
-])
-# One row per corrected image of a correction (``corrections/<name>/images.parquet``, its commit
-# record; pipeline.stages.corrections writes it). URIs are relative to the correction's directory.
-CORRECTION_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("class_ids", pa.list_(pa.int32())),
-    ("num_instances", pa.int32()), ("semantic_uri", pa.string()), ("instance_uri", pa.string()),
-    ("instances_uri", pa.string()), ("stamp", pa.string()), ("note", pa.string()), ("source", pa.string()),
-    ("fg_fraction", pa.float32()),
-])
-# The corrections a version applies (plan.version_corrections): the newest correction of each image
-# of the manifest, with the image's uri and URIs relative to the version's directory.
-CORRECTION_ROWS = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("correction", pa.string()),
-                             *[CORRECTION_SCHEMA.field(c) for c in ("height", "width", "class_ids", "num_instances",
-                                                                    "fg_fraction", *URI_COLUMNS)]])
-INSTANCE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("instance_id", pa.int32()), ("class_id", pa.int32()),
-    ("score", pa.float32()), ("area", pa.int64()), ("bbox", pa.list_(pa.float32(), 4)),
-    ("rle_counts", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
-    ("doubt", pa.float32()),  # pipeline.algorithms.doubt.instance_doubt
-])
-
-
-def commit_labels(labels_dir: str, images: list[dict[str, Any]], instances: list[dict[str, Any]],
-                  coco_part: bytes) -> None:
-    """Commit a batch of labelled images whose PNGs are written: the instance rows and their COCO
-    part (pipeline.stages.coco) first, then the images rows, which name that instance shard and
-    make the images count."""
-    if not images:
-        return
-    name = layout.part_name([r["image_id"] + "\0" + r["key"] for r in images])
-    for row in images:
-        row["instances_uri"] = f"instances/{name}"
-    instances_dir = storage.join(labels_dir, "instances")
-    codecs.write_parquet(storage.join(instances_dir, name), pa.Table.from_pylist(instances, schema=INSTANCE_SCHEMA))
-    storage.write_bytes(storage.join(instances_dir, name.removesuffix(".parquet") + ".coco.tsv"), coco_part)
-    codecs.write_parquet(storage.join(labels_dir, "images", name), pa.Table.from_pylist(images, schema=INDEX_SCHEMA))
-
-
-def labelled_rows(labels_dir: str) -> pa.Table:
-    """The committed images rows of a version directory (the images it labelled itself)."""
-    uris = storage.list_files(storage.join(labels_dir, "images"), ".parquet")
-    if not uris:
-        return INDEX_SCHEMA.empty_table()
-    return pa.concat_tables([conform(codecs.read_parquet(u), INDEX_SCHEMA) for u in uris])
-
-
-def read_index(labels_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """A published version's index (or an empty one when the directory has none); columns an
-    older index lacks are null."""
-    uri = layout.index_file(labels_dir)
-    schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
-    if not storage.exists(uri):
-        return schema.empty_table()
-    table = codecs.read_parquet(uri) if columns is None else codecs.read_parquet_columns(uri, columns, missing_ok=True)
-    return conform(table, schema)

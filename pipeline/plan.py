@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import ledger
+from pipeline import label_tables, ledger
 from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage, tables
 
@@ -150,7 +150,7 @@ def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key
 
 
 def current_corrections(root: str) -> pa.Table:
-    """The newest committed correction of each corrected image (ledger.CORRECTION_SCHEMA, URIs
+    """The newest committed correction of each corrected image (label_tables.CORRECTION_SCHEMA, URIs
     relative to its directory) with the correction's name in ``correction``, sorted by image_id.
     A directory without ``images.parquet`` is a correction whose writer died before its commit."""
     def read(directory: str) -> list[dict[str, Any]]:
@@ -158,35 +158,35 @@ def current_corrections(root: str) -> pa.Table:
         if not storage.exists(committed):
             return []
         name = directory.rstrip("/").rsplit("/", 1)[-1]
-        table = tables.conform(codecs.read_parquet(committed), ledger.CORRECTION_SCHEMA)
+        table = tables.conform(codecs.read_parquet(committed), label_tables.CORRECTION_SCHEMA)
         return [{**row, "correction": name} for row in table.to_pylist()]
 
     rows: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(16) as pool:  # names start with their stamp: later ones win
         for found in pool.map(read, storage.list_dirs(layout.corrections_root(root))):
             rows.update((row["image_id"], row) for row in found)
-    schema = ledger.CORRECTION_SCHEMA.append(pa.field("correction", pa.string()))
+    schema = label_tables.CORRECTION_SCHEMA.append(pa.field("correction", pa.string()))
     return pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=schema)
 
 
 def version_corrections(root: str, manifest_dir: str) -> pa.Table:
-    """The corrections a labels version applies (ledger.CORRECTION_ROWS): the newest of each image
+    """The corrections a labels version applies (label_tables.CORRECTION_ROWS): the newest of each image
     the manifest lists, its URIs relative to the version's directory."""
     corrections = current_corrections(root)
     manifest = read_manifest(manifest_dir, ["image_id", "uri"])
     corrections = tables.join_rows(corrections, manifest, ["image_id"], "inner", extra=["uri"])
-    for column in ledger.URI_COLUMNS:
+    for column in label_tables.URI_COLUMNS:
         names, values = corrections.column("correction").to_pylist(), corrections.column(column).to_pylist()
         corrections = corrections.set_column(corrections.schema.get_field_index(column), column, pa.array(
             [layout.correction_from_version(n, v) for n, v in zip(names, values)], pa.string()))
-    return corrections.select(ledger.CORRECTION_ROWS.names).cast(ledger.CORRECTION_ROWS)
+    return corrections.select(label_tables.CORRECTION_ROWS.names).cast(label_tables.CORRECTION_ROWS)
 
 
 def _synthesis_inputs(root: str, manifest_dir: str, classes: list[str], cams_key: str, labels_dir: str,
                       base_dir: str | None, stage: str, ground_truth_only: bool):
     current = current_cams(root, manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
-    base_index = ledger.read_index(base_dir) if base_dir else ledger.INDEX_SCHEMA.empty_table()
-    return current, base_index, ledger.labelled_rows(labels_dir), ledger.quarantined(root, stage)
+    base_index = label_tables.read_index(base_dir) if base_dir else label_tables.INDEX_SCHEMA.empty_table()
+    return current, base_index, label_tables.labelled_rows(labels_dir), ledger.quarantined(root, stage)
 
 
 def synthesis_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str, synthesis_key: str,
@@ -200,7 +200,7 @@ def synthesis_plan(root: str, manifest_dir: str, classes: list[str], cams_key: s
     base_rows = base_index.num_rows
     counts["removed"] = base_rows - reused.num_rows  # base rows no longer current (relabelled or gone)
     if not ground_truth_only:  # images whose human labels differ from the base version's
-        counts["corrected"] = ledger.corrections_changed(base_index, version_corrections(root, manifest_dir))
+        counts["corrected"] = label_tables.corrections_changed(base_index, version_corrections(root, manifest_dir))
     grouped = pending.select(["cam_shard", "image_id", "uri", "label_key"]).group_by("cam_shard").aggregate(
         [("image_id", "list"), ("uri", "list"), ("label_key", "list")])
     grouped = grouped.rename_columns(["cam_shard", "image_ids", "uris", "label_keys"]).sort_by("cam_shard")

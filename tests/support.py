@@ -84,7 +84,7 @@ def label_outputs(root: str) -> dict[str, dict]:
 
     import numpy as np
 
-    from pipeline import ledger
+    from pipeline import label_tables
     from pipeline.io import codecs, layout, storage
     from pipeline.stages.cams import read_cam_rows
 
@@ -95,7 +95,7 @@ def label_outputs(root: str) -> dict[str, dict]:
         for row in read_cam_rows(uri):
             assert row["image_id"] not in outputs, f"{row['image_id']} has two CAM rows"
             outputs[row["image_id"]] = {"cams": row["cams"], "class_ids": row["class_ids"]}
-    index = ledger.read_index(labels).to_pylist()
+    index = label_tables.read_index(labels).to_pylist()
     listed = [r["image_id"] for r in index]
     assert len(listed) == len(set(listed)), "an image is listed twice in the index"
     assert sorted(listed) == sorted(outputs), "labelled images differ from the images with CAMs"

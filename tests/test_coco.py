@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline import ledger
+from pipeline import label_tables
 from pipeline.io import codecs, layout, storage
 from pipeline.stages.coco import coco_part, write_coco
 from pipeline.stages.synthesis import instance_rows
@@ -48,7 +48,7 @@ def _commit(labels_dir: str, group: list[str], *, reverse: bool = False) -> list
                        "num_instances": len(masks), "semantic_uri": f"semantic/{image_id}.png",
                        "instance_uri": f"instance/{image_id}.png", "instances_uri": None,
                        "fg_fraction": 0.0, "cam_fraction": 0.0})
-    ledger.commit_labels(labels_dir, images, instances, coco_part(instances))
+    label_tables.commit_labels(labels_dir, images, instances, coco_part(instances))
     return images
 
 
@@ -56,7 +56,7 @@ def _version(tmp_path, name: str, groups: list[list[str]], **kwargs) -> str:
     labels_dir = str(tmp_path / name)
     for group in groups:
         _commit(labels_dir, group, **kwargs)
-    index = ledger.labelled_rows(labels_dir).sort_by("image_id")
+    index = label_tables.labelled_rows(labels_dir).sort_by("image_id")
     codecs.write_parquet(layout.index_file(labels_dir), index)
     return labels_dir
 
@@ -98,11 +98,11 @@ def test_a_version_that_references_an_earlier_one_reads_its_parts(tmp_path):
     v1 = _version(tmp_path, "v1", [["img-a", "img-b"]])
     v2 = str(tmp_path / "v2")
     _commit(v2, ["img-c"])
-    reused = ledger.read_index(v1)
-    for column in ledger.URI_COLUMNS:
+    reused = label_tables.read_index(v1)
+    for column in label_tables.URI_COLUMNS:
         reused = reused.set_column(reused.schema.get_field_index(column), column,
-                                   ledger.relative_to_sibling(reused.column(column), "v1"))
-    index = pa.concat_tables([reused, ledger.labelled_rows(v2)]).sort_by("image_id")
+                                   label_tables.relative_to_sibling(reused.column(column), "v1"))
+    index = pa.concat_tables([reused, label_tables.labelled_rows(v2)]).sort_by("image_id")
     codecs.write_parquet(layout.index_file(v2), index)
     assert index.column("semantic_uri").to_pylist() == ["../v1/semantic/img-a.png", "../v1/semantic/img-b.png",
                                                         "semantic/img-c.png"]

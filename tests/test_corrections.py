@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from jobs import correct, export, label, review
-from pipeline import ledger, plan
+from pipeline import label_tables, ledger, plan
 from pipeline.io import codecs, layout, storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def current_corrections(root: str):
     table = plan.current_corrections(root)
     rows = table.to_pylist()
     for row in rows:
-        for column in ledger.URI_COLUMNS:
+        for column in label_tables.URI_COLUMNS:
             row[column] = storage.resolve(row[column], layout.correction_dir(root, row["correction"]))
     return rows
 
@@ -90,7 +90,7 @@ def test_a_voc_folder_is_taken_as_it_is(run_root, tmp_path):
     correct.main(["--root", run_root, "--from", str(tmp_path / "voc")])
     version = ledger.latest_version(run_root)
     labels_dir = layout.labels_dir(run_root, version)
-    index = {r["image_id"]: r for r in ledger.read_index(labels_dir).to_pylist()}
+    index = {r["image_id"]: r for r in label_tables.read_index(labels_dir).to_pylist()}
     stored = current_corrections(run_root)
     assert sorted(r["image_id"] for r in stored) == sorted(index)
     for row in stored:
@@ -151,13 +151,13 @@ def test_corrections_stick_verbatim_in_the_next_version_and_every_later_one(labe
     version = ledger.latest_version(root)
     assert version != before  # the corrections alone make a new version
     labels_dir = layout.labels_dir(root, version)
-    index = {r["image_id"]: r for r in ledger.read_index(labels_dir).to_pylist()}
-    previous = {r["image_id"]: r for r in ledger.read_index(layout.labels_dir(root, before)).to_pylist()}
+    index = {r["image_id"]: r for r in label_tables.read_index(labels_dir).to_pylist()}
+    previous = {r["image_id"]: r for r in label_tables.read_index(layout.labels_dir(root, before)).to_pylist()}
     assert sorted(index) == sorted(previous)
     for image_id, row in index.items():
         if image_id not in corrected:
             assert row["source"] == "irnet" and row["correction"] is None
-            assert row["semantic_uri"] == ledger.relative_to_sibling(pa.array([previous[image_id]["semantic_uri"]]),
+            assert row["semantic_uri"] == label_tables.relative_to_sibling(pa.array([previous[image_id]["semantic_uri"]]),
                                                                      before).to_pylist()[0]
             continue
         assert row["source"] == "human" and row["correction"] == name and row["doubt"] == 0
@@ -221,8 +221,8 @@ def test_corrections_retrain_irnet_and_every_other_image_is_relabelled(labelled,
     assert all("/corrections/" in r["relation_uri"] and "/corrections/" in r["instance_uri"] for r in exact)
 
     retrained = ledger.latest_version(root)
-    before = {r["image_id"]: r for r in ledger.read_index(layout.labels_dir(root, stick_version)).to_pylist()}
-    after = {r["image_id"]: r for r in ledger.read_index(layout.labels_dir(root, retrained)).to_pylist()}
+    before = {r["image_id"]: r for r in label_tables.read_index(layout.labels_dir(root, stick_version)).to_pylist()}
+    after = {r["image_id"]: r for r in label_tables.read_index(layout.labels_dir(root, retrained)).to_pylist()}
     assert retrained != stick_version and sorted(before) == sorted(after)
     for image_id, row in after.items():
         if image_id in ids:

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import ledger
+from pipeline import label_tables
 from pipeline.algorithms import doubt
 from pipeline.io import tables
 
@@ -92,5 +92,5 @@ def test_version_doubt_ranks_within_the_version():
 
 def test_rows_labelled_before_doubt_existed_conform_with_null_doubt():
     old = pa.table({"image_id": ["a"], "key": ["k"]})
-    conformed = tables.conform(old, ledger.INDEX_SCHEMA)
-    assert conformed.schema == ledger.INDEX_SCHEMA and conformed.column("doubt").to_pylist() == [None]
+    conformed = tables.conform(old, label_tables.INDEX_SCHEMA)
+    assert conformed.schema == label_tables.INDEX_SCHEMA and conformed.column("doubt").to_pylist() == [None]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from support import copy_models, free_port, wait_for_port
 
-from pipeline import ledger
+from pipeline import label_tables
 from pipeline.data.synthetic import write_synthetic_set
 from pipeline.io import layout, storage
 
@@ -101,7 +101,7 @@ def test_ray_job_submit_runs_the_label_job(ray_head, labelled, tmp_path):
     for image_id in ids:
         assert storage.exists(layout.semantic_png(labels, image_id))
         assert storage.exists(layout.instance_png(labels, image_id))
-    assert ledger.read_index(labels).column("image_id").to_pylist() == ids
+    assert label_tables.read_index(labels).column("image_id").to_pylist() == ids
     coco = json.loads(storage.read_text(storage.join(labels, "coco.json")))
     assert sorted(image["file_name"] for image in coco["images"]) == ids
     assert "labels: " in logs and "report: " in logs

@@ -22,7 +22,7 @@ from hostile import BROKEN, CLASSES, CMYK, CONVERTED, GOOD, unsafe_ids
 from PIL import Image
 
 from jobs import label
-from pipeline import ledger
+from pipeline import label_tables, ledger
 from pipeline.algorithms import synthesis as algo
 from pipeline.data.images import decode_image
 from pipeline.data.synthetic import write_synthetic_set
@@ -66,7 +66,7 @@ def test_every_valid_image_has_every_output(labelled):
         instance = _png_array(layout.instance_png(labels_dir, image_id))
         assert semantic.shape == instance.shape == (h, w) and instance.dtype == np.uint16
         assert set(np.unique(semantic)) <= {0, *row["class_ids"]}
-    index = ledger.read_index(labels_dir)
+    index = label_tables.read_index(labels_dir)
     assert index.column("image_id").to_pylist() == _valid_ids(labelled)  # sorted, one row each
     assert index.column("semantic_uri").to_pylist() == [f"semantic/{i}.png" for i in _valid_ids(labelled)]
     for name in ("cam", "irn"):
@@ -223,7 +223,7 @@ def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
         state["stages"]
     old_version = storage.read_text(layout.latest_pointer(root)).strip()
     old_files = _tree(layout.labels_dir(root, old_version))
-    old_index = {r["image_id"]: r for r in ledger.read_index(layout.labels_dir(root, old_version)).to_pylist()}
+    old_index = {r["image_id"]: r for r in label_tables.read_index(layout.labels_dir(root, old_version)).to_pylist()}
 
     # The nightly manifest: the same images moved to another directory, two new ones, one image
     # with corrected tags, and the missing file's row now pointing at a real file.
@@ -252,7 +252,7 @@ def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
     # into the old version (nothing copied), the four relabelled ones into the new one; images the
     # manifest no longer lists (the re-encoded copies) are left out of it and of its COCO file.
     grown_ids = ["broken-missing"] + [f"syn-{i:06d}" for i in range(12)]
-    index = {r["image_id"]: r for r in ledger.read_index(new_dir).to_pylist()}
+    index = {r["image_id"]: r for r in label_tables.read_index(new_dir).to_pylist()}
     assert sorted(index) == grown_ids
     relabelled = {"broken-missing", "syn-000005", "syn-000010", "syn-000011"}
     assert {i for i, r in index.items() if not r["semantic_uri"].startswith("../")} == relabelled
@@ -261,8 +261,8 @@ def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
         if image_id not in relabelled:
             assert row["semantic_uri"] == f"../{old_version}/semantic/{image_id}.png"
             # the same row, but for its doubt, which ranks it among the version's images
-            assert {k: v for k, v in row.items() if k not in ledger.URI_COLUMNS + ("doubt",)} == \
-                {k: v for k, v in old_index[image_id].items() if k not in ledger.URI_COLUMNS + ("doubt",)}
+            assert {k: v for k, v in row.items() if k not in label_tables.URI_COLUMNS + ("doubt",)} == \
+                {k: v for k, v in old_index[image_id].items() if k not in label_tables.URI_COLUMNS + ("doubt",)}
     assert index["syn-000005"]["class_ids"] == new_tags
     semantic = codecs.decode_label_png(storage.read_bytes(storage.resolve(index["syn-000005"]["semantic_uri"], new_dir)))
     assert set(np.unique(semantic)) <= {0, *new_tags}
@@ -313,8 +313,8 @@ def test_a_nightly_rerun_writes_files_in_proportion_to_the_new_images(labelled, 
     assert {p: d for p, d in after.items() if p.startswith(f"labels/{old_version}/")} == old_files
     new_dir = layout.labels_dir(root, storage.read_text(layout.latest_pointer(root)).strip())
     old_dir = layout.labels_dir(root, old_version)
-    old_index = {r["image_id"]: r for r in ledger.read_index(old_dir).to_pylist()}
-    new_index = {r["image_id"]: r for r in ledger.read_index(new_dir).to_pylist()}
+    old_index = {r["image_id"]: r for r in label_tables.read_index(old_dir).to_pylist()}
+    new_index = {r["image_id"]: r for r in label_tables.read_index(new_dir).to_pylist()}
     assert sorted(new_index) == sorted(r["image_id"] for r in records)
     for image_id, row in old_index.items():
         for column in ("semantic_uri", "instance_uri"):
@@ -330,7 +330,7 @@ def test_export_status_of_the_labelled_run(labelled, tmp_path):
 
     root = labelled["root"]
     labels_dir = _labels_dir(root)
-    index = ledger.read_index(labels_dir).to_pylist()
+    index = label_tables.read_index(labels_dir).to_pylist()
     voc = str(tmp_path / "voc")
     summary = export.main(["--root", root, "--format", "voc", "--out", voc, "--with-images"])
     assert summary["images"] == len(index)
@@ -417,7 +417,7 @@ def test_cams_from_another_source_replace_the_cam_network(labelled, tmp_path):
         tags = [["cross", "ellipse", "ring"].index(n) + 1 for n in records[row["image_id"]]["labels"]]
         low, _ = fit_source_cams(cams, ids, tags, 3, (row["height"], row["width"]))
         assert np.array_equal(row["cams"], low.astype(np.float16).astype(np.float32))
-    index = ledger.read_index(_labels_dir(root))
+    index = label_tables.read_index(_labels_dir(root))
     assert sorted(index.column("image_id").to_pylist()) == ["syn-000000", "syn-000004", "syn-000005"]
 
 

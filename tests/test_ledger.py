@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline import ledger
+from pipeline import label_tables, ledger
 from pipeline.io import codecs, layout, storage, tables
 
 
@@ -93,7 +93,7 @@ def _index_rows(ids, keys, prefix=""):
                                   "class_ids": [1], "num_instances": 0, "semantic_uri": f"{prefix}semantic/{i}.png",
                                   "instance_uri": f"{prefix}instance/{i}.png",
                                   "instances_uri": f"{prefix}instances/p.parquet", "fg_fraction": 0.0,
-                                  "cam_fraction": 0.0} for i, k in zip(ids, keys)], schema=ledger.INDEX_SCHEMA)
+                                  "cam_fraction": 0.0} for i, k in zip(ids, keys)], schema=label_tables.INDEX_SCHEMA)
 
 
 def test_plan_synthesis_reuses_current_rows_and_labels_the_rest():

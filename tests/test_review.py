@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from scipy import ndimage
 
 from jobs import review
-from pipeline import ledger
+from pipeline import label_tables, ledger
 from pipeline.algorithms import doubt
 from pipeline.io import codecs, layout, storage
 
@@ -23,12 +23,12 @@ pytestmark = pytest.mark.slow
 
 def _version(root: str) -> tuple[str, list[dict]]:
     version = ledger.latest_version(root)
-    return version, ledger.read_index(layout.labels_dir(root, version)).to_pylist()
+    return version, label_tables.read_index(layout.labels_dir(root, version)).to_pylist()
 
 
 def _instance_masks(root: str, version: str, image_id: str) -> dict[int, np.ndarray]:
     labels_dir = layout.labels_dir(root, version)
-    (row,) = [r for r in ledger.read_index(labels_dir).to_pylist() if r["image_id"] == image_id]
+    (row,) = [r for r in label_tables.read_index(labels_dir).to_pylist() if r["image_id"] == image_id]
     rows = codecs.read_parquet(storage.resolve(row["instances_uri"], labels_dir),
                                filters=[("image_id", "==", image_id)])
     return {r["instance_id"]: mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["rle_counts"].encode()})

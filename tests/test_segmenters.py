@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobs import train_segmenter
-from pipeline import ledger
+from pipeline import label_tables
 from pipeline.io import layout, storage
 from pipeline.io.layout import segmenter_model_file as model_file
 from pipeline.ledger import RunState
@@ -40,7 +40,7 @@ def test_deeplab_on_pseudo_labels_and_ground_truth_with_two_workers(labelled, ro
                                         "segmenter.num_workers=2"))
     # The held-out images with ground truth: the synthetic ones of split 'val' (every 5th) in the
     # version (earlier tests may have grown the session's set).
-    index = ledger.read_index(layout.labels_dir(root, storage.read_text(layout.latest_pointer(root)).strip()))
+    index = label_tables.read_index(layout.labels_dir(root, storage.read_text(layout.latest_pointer(root)).strip()))
     held_out = [i for i in index.column("image_id").to_pylist() if i.startswith("syn-") and int(i[4:]) % 5 == 0]
     assert result["evaluated_on"] == len(held_out) >= 2
     (row,) = result["table"]

@@ -79,7 +79,7 @@ def labels_dir(root: str, version: str) -> str:
 
 
 def index_file(labels: str) -> str:
-    """One row per image of a labels version (pipeline.ledger.INDEX_SCHEMA)."""
+    """One row per image of a labels version (pipeline.label_tables.INDEX_SCHEMA)."""
     return join(labels, "index.parquet")
 
 

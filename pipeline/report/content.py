@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline import ledger, plan, tasks
+from pipeline import label_tables, ledger, plan, tasks
 from pipeline.algorithms import doubt
 from pipeline.data.images import read_inputs, read_label
 from pipeline.data.transforms import normalize
@@ -52,7 +52,7 @@ HEALTH_FIGURES = {
 def preview_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str, labels_dir: str,
                  count: int) -> list[dict[str, Any]]:
     """Task: the first ``count`` images of a version's index (by id) with their CAM shards."""
-    index = ledger.read_index(labels_dir, ["image_id", "uri", "semantic_uri", "instance_uri"]).slice(0, count)
+    index = label_tables.read_index(labels_dir, ["image_id", "uri", "semantic_uri", "instance_uri"]).slice(0, count)
     current = plan.current_cams(root, manifest_dir, classes, cams_key, image_ids=index.column("image_id"))
     rows = tables.join_rows(index, current.select(["image_id", "cam_shard"]), ["image_id"], "inner", extra=["cam_shard"])
     return rows.to_pylist()

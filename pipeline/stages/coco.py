@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import ledger
+from pipeline import label_tables
 from pipeline.data.classes import Vocabulary
 from pipeline.io import layout, storage, tables
 
@@ -95,8 +95,8 @@ def write_coco(labels_dir: str, classes: list[str], index: pa.Table | None = Non
     Returns {"uri", "num_images", "num_annotations", "num_categories", "annotations_per_category"}.
     """
     out_uri = out_uri or layout.coco_file(labels_dir)
-    index = ledger.read_index(labels_dir) if index is None else index
-    index = tables.conform(index, ledger.INDEX_SCHEMA)
+    index = label_tables.read_index(labels_dir) if index is None else index
+    index = tables.conform(index, label_tables.INDEX_SCHEMA)
     index = index.select(["image_id", "uri", "height", "width", "num_instances", "instances_uri", "source"]).sort_by(
         [("instances_uri", "ascending"), ("image_id", "ascending")])
     rows = index.to_pylist()

@@ -12,7 +12,7 @@ malformed or truncated file: :class:`CorrectionError` names the entry, and nothi
 A valid file becomes ``corrections/<stamp>-<key>/`` (key: a hash of its content): the PNGs, the
 instance rows, then ``images.parquet``, which commits it. Nothing there is ever rewritten; the
 newest correction of an image wins (plan.current_corrections); the next labelling run's version
-carries it verbatim (ledger.apply_corrections).
+carries it verbatim (label_tables.apply_corrections).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from pipeline import ledger, plan
+from pipeline import label_tables, ledger, plan
 from pipeline.data.classes import Vocabulary
 from pipeline.data.images import image_size
 from pipeline.io import codecs, layout, storage
@@ -185,7 +185,7 @@ def read_corrections(root: str, source: str, classes: list[str]) -> list[Correct
     version = ledger.latest_version(root)
     index = {}
     if version is not None:
-        rows = ledger.read_index(layout.labels_dir(root, version), ["image_id", "height", "width"]).to_pylist()
+        rows = label_tables.read_index(layout.labels_dir(root, version), ["image_id", "height", "width"]).to_pylist()
         index = {r["image_id"]: (r["height"], r["width"]) for r in rows}
 
     def size_of(image_id: str) -> tuple[int, int]:
@@ -233,8 +233,8 @@ def store_corrections(root: str, corrected: list[Corrected], *, note: str = "", 
                        "instances_uri": "instances.parquet", "stamp": stamp, "note": note, "source": source,
                        "fg_fraction": float(((c.semantic != 0) & (c.semantic != IGNORE)).mean())})
     codecs.write_parquet(storage.join(directory, "instances.parquet"),
-                         pa.Table.from_pylist(instances, schema=ledger.INSTANCE_SCHEMA))
+                         pa.Table.from_pylist(instances, schema=label_tables.INSTANCE_SCHEMA))
     storage.write_bytes(storage.join(directory, "instances" + coco.PART_SUFFIX), coco.coco_part(instances))
     codecs.write_parquet(storage.join(directory, "images.parquet"),  # commits the correction
-                         pa.Table.from_pylist(images, schema=ledger.CORRECTION_SCHEMA))
+                         pa.Table.from_pylist(images, schema=label_tables.CORRECTION_SCHEMA))
     return name

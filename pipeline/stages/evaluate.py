@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
-from pipeline import ledger, plan, tasks
+from pipeline import label_tables, ledger, plan, tasks
 from pipeline.algorithms.metrics import MaskAPAccumulator, confusion, image_records, mean_iou
 from pipeline.data.classes import Vocabulary
 from pipeline.data.images import read_label
@@ -38,7 +38,7 @@ def evaluation_plan(manifest_dir: str, labels_dir: str) -> tuple[pa.Table, dict[
     shard (lists of image ids, label and ground-truth URIs), and how many have no labels."""
     manifest = plan.read_manifest(manifest_dir, GT_COLUMNS)
     gt = manifest.filter(has_ground_truth(manifest))
-    index = ledger.read_index(labels_dir, ["image_id", "semantic_uri", "instances_uri"])
+    index = label_tables.read_index(labels_dir, ["image_id", "semantic_uri", "instances_uri"])
     rows = tables.join_rows(gt, index, ["image_id"], "inner", extra=["semantic_uri", "instances_uri"])
     classes_json = pa.array([list(v or []) for v in rows.column("gt_instance_classes").to_pylist()],
                             pa.list_(pa.string()))

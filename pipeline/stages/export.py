@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import yaml
 
-from pipeline import ledger, tasks
+from pipeline import label_tables, ledger, tasks
 from pipeline.algorithms.polygons import mask_to_polygons
 from pipeline.io import codecs, layout, storage
 from pipeline.progress import StageProgress
@@ -91,12 +91,12 @@ def export_yolo_shard(batch: dict[str, np.ndarray], *, labels_dir: str, out: str
 
 
 def _index_columns(labels_dir: str) -> tuple[pa.Table, int]:
-    table = ledger.read_index(labels_dir, ["image_id", "uri", "semantic_uri", "instance_uri"])
+    table = label_tables.read_index(labels_dir, ["image_id", "uri", "semantic_uri", "instance_uri"])
     return table, table.num_rows
 
 
 def _yolo_groups(labels_dir: str) -> pa.Table:
-    index = ledger.read_index(labels_dir, ["image_id", "instances_uri", "height", "width"])
+    index = label_tables.read_index(labels_dir, ["image_id", "instances_uri", "height", "width"])
     return index.group_by("instances_uri").aggregate([("image_id", "list"), ("height", "list"), ("width", "list")])
 
 
@@ -134,7 +134,7 @@ def export_version(root: str, version: str, out: str, *, fmt: str, classes: list
 
 def _write_sources(labels_dir: str, out: str) -> None:
     """``sources.csv``: image_id, source (irnet | human) and the correction of every image."""
-    index = ledger.read_index(labels_dir, ["image_id", "source", "correction"])
+    index = label_tables.read_index(labels_dir, ["image_id", "source", "correction"])
     index = index.set_column(1, "source", pc.fill_null(index.column("source"), "irnet"))
     with storage.open_output(storage.join(out, "sources.csv")) as f:
         pa_csv.write_csv(index, f)
@@ -150,9 +150,9 @@ def _referenced(kept_dirs: list[str], version: str) -> set[str]:
     used: set[str] = set()
     prefix = f"../{version}/"
     for directory in kept_dirs:
-        index = ledger.read_index(directory, list(ledger.URI_COLUMNS))
+        index = label_tables.read_index(directory, list(label_tables.URI_COLUMNS))
         own = directory.rstrip("/").rsplit("/", 1)[-1] == version
-        for column in ledger.URI_COLUMNS:
+        for column in label_tables.URI_COLUMNS:
             for uri in index.column(column).to_pylist():
                 if uri.startswith(prefix):
                     used.add(uri[len(prefix):])

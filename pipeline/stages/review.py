@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from pycocotools import mask as mask_utils
 
-from pipeline import ledger
+from pipeline import label_tables
 from pipeline.algorithms import doubt
 from pipeline.algorithms.polygons import mask_to_polygons
 from pipeline.data.classes import Vocabulary
@@ -41,7 +41,7 @@ def ranking(labels_dir: str) -> pa.Table:
     """The version's index, most in doubt first; ties (and rows without a doubt) by image id; the
     images people corrected last. Columnar: a version of 10^7 images is sorted without a Python
     object per row."""
-    index = tables.conform(codecs.read_parquet(layout.index_file(labels_dir)), ledger.INDEX_SCHEMA)
+    index = tables.conform(codecs.read_parquet(layout.index_file(labels_dir)), label_tables.INDEX_SCHEMA)
     index = index.set_column(index.schema.get_field_index("source"), "source",
                              pc.fill_null(index.column("source"), "irnet"))
     human = pc.equal(index.column("source"), "human")

@@ -5,7 +5,7 @@ decode, normalise and zero-pad each image to the IRNet training crop (as the off
 does, so GroupNorm sees what it saw in training); network actors (GPU when
 ``synthesis.gpus_per_actor`` > 0) run IRNet on batches of equally padded images; CPU tasks run the
 random walk, the instance grouping, and write the semantic PNG (VOC palette) and the 16-bit
-instance-id PNG; shard writers commit ``run.shard_rows`` images at a time (``ledger.commit_labels``).
+instance-id PNG; shard writers commit ``run.shard_rows`` images at a time (``label_tables.commit_labels``).
 Methods: ``irnet`` (the paper), ``cam_boundary`` (no displacement) and ``cam`` (threshold +
 components) for the ablations of Table 1.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline import ledger, plan, tasks
+from pipeline import label_tables, ledger, plan, tasks
 from pipeline.algorithms import doubt
 from pipeline.algorithms import synthesis as algo
 from pipeline.config import Config, SynthesisConfig
@@ -236,7 +236,7 @@ def commit_shard(batch: dict[str, np.ndarray], *, root: str, labels_dir: str, st
         instances += rows
         statuses.append("done")
     ledger.write_quarantine(root, stage, failed)
-    ledger.commit_labels(labels_dir, images, instances, coco.coco_part(instances))
+    label_tables.commit_labels(labels_dir, images, instances, coco.coco_part(instances))
     return tasks.status_batch(statuses)
 
 

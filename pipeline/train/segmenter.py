@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from pipeline import ledger, plan
+from pipeline import label_tables, plan
 from pipeline.data.classes import Vocabulary
 from pipeline.data.images import UNREADABLE, read_inputs, unreadable_reason
 from pipeline.data.segmentation import instance_masks, instance_train_sample, semantic_train_sample
@@ -54,7 +54,7 @@ def segmenter_rows(labels_dir: str, manifest_dir: str, classes: list[str], *, la
     ``labels``: 'pseudo' (the version's labels) or 'ground_truth' (the manifest's, the upper bound).
     """
     manifest = plan.read_manifest(manifest_dir)
-    index = ledger.read_index(labels_dir, ["image_id", "semantic_uri", "instance_uri", "instances_uri"])
+    index = label_tables.read_index(labels_dir, ["image_id", "semantic_uri", "instance_uri", "instances_uri"])
     has_gt = pc.and_(pc.not_equal(manifest.column("gt_semantic_uri"), ""), pc.not_equal(manifest.column("gt_instance_uri"), ""))
     held_out = manifest.column("held_out")
     if evaluation or labels == "ground_truth":
