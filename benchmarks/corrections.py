@@ -56,8 +56,11 @@ def ground_truth(root: str) -> dict[str, dict]:
 def choose(root: str, truth: dict[str, dict], fraction: float, how: str, seed: int) -> list[str]:
     """The images to correct: ceil(fraction x the version's images with ground truth), the most in
     doubt first (jobs.review's order) or a seeded random sample."""
-    ranked = [i for i in ranking(layout.labels_dir(root, ledger.latest_version(root))).column("image_id").to_pylist()
-              if i in truth]
+    ranked_table = ranking(layout.labels_dir(root, ledger.latest_version(root)))
+    if how == "doubt" and ranked_table.column("doubt").null_count == ranked_table.num_rows:
+        raise SystemExit(f"{root}: its latest version has no doubt (labelled before doubt existed); "
+                         "relabel it first: jobs.label ... --from-stage synthesis")
+    ranked = [i for i in ranked_table.column("image_id").to_pylist() if i in truth]
     count = max(1, math.ceil(fraction * len(ranked)))
     if how == "doubt":
         return ranked[:count]

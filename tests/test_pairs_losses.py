@@ -227,8 +227,9 @@ def test_loss_values_by_hand():
 
 
 def test_exact_displacement_term_by_hand():
-    """Corrected images add D_exact = mean |D - target| over the known targets; NaN targets (every
-    image nobody corrected) leave the official loss exactly as it was."""
+    """Corrected images add D_exact = Σ |D - target| over the known targets / all cells and
+    coordinates of the batch; NaN targets (every image nobody corrected) leave the official loss
+    exactly as it was."""
     logits = torch.tensor([[-2.0, 0.5, -1.0], [1.5, -0.5, 0.0]]).expand(2, 1, 2, 3)
     disp = torch.tensor([[[0.5, -1.0, 2.0], [0.0, 1.0, -0.5]], [[1.0, 3.0, -2.0], [0.25, 0.0, 1.0]]]).expand(2, 2, 2, 3)
     masks = [m.unsqueeze(0).repeat(2, 1, 1, 1) for m in relation_pair_labels(LOSS_RELATIONS, 2)]
@@ -239,7 +240,7 @@ def test_exact_displacement_term_by_hand():
     target[1, :, 0, 1] = torch.tensor([2.0, -1.0])  # image 1, pixel (0, 1): D there is (-1.0, 3.0)
     target[1, 0, 1, 2] = 0.0  # and one coordinate of pixel (1, 2): D is -0.5
     losses = irn_losses(logits, disp, *masks, radius=2, target=target)
-    expected = (abs(-1.0 - 2.0) + abs(3.0 + 1.0) + abs(-0.5 - 0.0)) / (3 + 1e-5)
+    expected = (abs(-1.0 - 2.0) + abs(3.0 + 1.0) + abs(-0.5 - 0.0)) / (2 * 2 * 2 * 3 + 1e-5)  # over all cells
     assert float(losses["D_exact"]) == pytest.approx(expected, rel=1e-5)
     assert float(losses["total"]) == pytest.approx(float(official["total"]) + expected / 2, rel=1e-5)
 

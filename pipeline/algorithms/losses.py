@@ -37,9 +37,10 @@ def irn_losses(
     - D_fg: mean over fg-positive pairs and the two coordinates of |δ - δ̂| with
       δ = D(x_i) - D(x_j), δ̂ = x_j - x_i = o (Eq. 5).
     - D_bg: the same of |δ| over bg-positive pairs (Eq. 6).
-    - D_exact: mean over the pixels and two coordinates where ``target`` is finite of
-      |D(x) - target(x)|: the exact displacement to the centroid on images people labelled (not in
-      the paper; 0 without targets, so the official loss is unchanged, docs/fidelity.md).
+    - D_exact: Σ |D(x) - target(x)| over the cells and two coordinates where ``target`` is
+      finite, divided by the number of all cells and coordinates of the batch: the exact
+      displacement to the centroid on images people labelled (not in the paper; 0 without targets,
+      so the official loss is unchanged, docs/fidelity.md).
     - total = L_aff + (D_fg + D_bg + D_exact)/2.
 
     Args:
@@ -76,7 +77,9 @@ def irn_losses(
     d_exact = displacement.new_zeros(())
     if target is not None:
         known = torch.isfinite(target)
-        d_exact = _masked_mean((displacement - torch.nan_to_num(target)).abs(), known.to(dtype))
+        # Over every cell of the batch (unknown ones count 0): a corrected pixel weighs as much as
+        # any other, however few corrected images a batch holds.
+        d_exact = ((displacement - torch.nan_to_num(target)).abs() * known.to(dtype)).sum() / (known.numel() + EPS)
 
     total = l_aff + (d_fg + d_bg + d_exact) / 2
     return {"P_bg": p_bg, "P_fg": p_fg, "N": n, "L_aff": l_aff, "D_fg": d_fg, "D_bg": d_bg, "D_exact": d_exact,
