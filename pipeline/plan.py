@@ -139,13 +139,14 @@ def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key
     the mined labels; its image needs no CAM)."""
     current = current_cams(root, manifest_dir, classes, cams_key)
     current = current.filter(pc.invert(current.column("held_out")))
-    mined = {i: (u, layout.relation_png(root, i), None)
-             for i, u in zip(current.column("image_id").to_pylist(), current.column("uri").to_pylist())}
-    exact = training_corrections(root, manifest_dir).to_pylist()
-    rows = {**mined, **{r["image_id"]: (r["uri"], r["semantic_uri"], r["instance_uri"]) for r in exact}}
-    ids = sorted(rows)
-    table = pa.table({name: pa.array([rows[i][k] for i in ids], pa.string())
-                      for k, name in enumerate(("uri", "relation_uri", "instance_uri"))})
+    relations = pa.array([layout.relation_png(root, i) for i in current.column("image_id").to_pylist()], pa.string())
+    mined = pa.table({"image_id": current.column("image_id"), "uri": current.column("uri"),
+                      "relation_uri": relations, "instance_uri": pa.nulls(current.num_rows, pa.string())})
+    exact = training_corrections(root, manifest_dir)
+    exact = pa.table({"image_id": exact.column("image_id"), "uri": exact.column("uri"),
+                      "relation_uri": exact.column("semantic_uri"), "instance_uri": exact.column("instance_uri")})
+    table = pa.concat_tables([tables.join_rows(mined, exact, ["image_id"], "left anti"), exact])
+    table = table.sort_by("image_id").drop_columns(["image_id"])
     return table, table.num_rows
 
 
