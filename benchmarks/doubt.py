@@ -12,6 +12,10 @@ with the doubt and with each signal alone. Measures; asserts nothing.
 ranks, as ``doubt.version_doubt``) by its worst lead, over the given runs, on the best single
 signal of each run, and prints the K best: how ``doubt.COMBINED`` is chosen on runs that are not
 the ones it is reported on (docs/review.md).
+
+``--weightings`` also scores four ways of weighting the percentile ranks of every signal that
+varies per run without ground truth (:func:`weighted_doubt`), tried as an alternative to a fixed
+combination and not adopted (docs/review.md says why).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -114,10 +118,43 @@ def subset_leads(results: list[dict]) -> list[tuple[float, tuple[str, ...], list
     return sorted(out, key=lambda item: -np.nan_to_num(item[0], nan=-np.inf))
 
 
+WEIGHTINGS = ("spectral", "agreement", "leave_one_out", "first_component")
+
+
+def weighted_doubt(values: np.ndarray, how: str) -> np.ndarray:
+    """A run's images' doubt as a weighted sum of the percentile ranks of the signals that vary,
+    the weights read from the signals alone: ``spectral`` (the spectral meta-learner of Parisi et
+    al., PNAS 2014: the leading eigenvector of the ranks' covariance with its diagonal refitted as
+    rank one), ``agreement`` (each signal's mean correlation with the others, clipped at 0),
+    ``leave_one_out`` (its correlation with the weighted sum of the others, iterated from equal
+    weights, clipped at 0) or ``first_component`` (the first principal component)."""
+    ranks = np.column_stack([(rankdata(c) - 1) / max(len(c) - 1, 1) for c in values.T if np.ptp(c) > 0])
+    cov = np.cov(ranks, rowvar=False)
+    if how in ("spectral", "first_component"):
+        diagonal = np.diag(cov).copy()
+        for _ in range(100 if how == "spectral" else 1):
+            fitted = cov - np.diag(np.diag(cov)) + np.diag(diagonal)
+            eigenvalues, vectors = np.linalg.eigh(fitted)
+            weights = vectors[:, -1] * np.sqrt(max(eigenvalues[-1], 0.0))
+            diagonal = weights ** 2
+        weights = weights if weights.sum() >= 0 else -weights
+    elif how == "agreement":
+        corr = np.corrcoef(ranks, rowvar=False)
+        weights = np.clip((corr.sum(axis=1) - 1) / (len(corr) - 1), 0, None)
+    else:
+        weights = np.ones(ranks.shape[1])
+        for _ in range(10):
+            rest = [ranks[:, np.arange(len(weights)) != j] @ np.delete(weights, j) for j in range(len(weights))]
+            weights = np.array([max(np.corrcoef(ranks[:, j], r)[0, 1], 0.0) if np.ptp(r) > 0 else 0.0
+                                for j, r in enumerate(rest)])
+    return ranks @ weights
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, action="append", help="run root of a finished run (repeatable)")
     p.add_argument("--subsets", type=int, default=0, help="print the K best combinations of signals")
+    p.add_argument("--weightings", action="store_true", help="also score the per-run weightings")
     args = p.parse_args()
     torch.set_num_threads(2)
     results = []
@@ -126,6 +163,15 @@ def main() -> None:
         print(f"{root}: {results[-1]['images']} images with ground truth; Spearman rank correlation with 1 - mIoU")
         for name, value in results[-1]["spearman"].items():
             print(f"  {name:<15} {value:+.3f}")
+    if args.weightings:
+        print("per-run weightings: Spearman per run, worst lead on the best single signal")
+        values = [np.array([[r[n] for n in doubt.SIGNALS] for r in result["rows"]]) for result in results]
+        errors = [[r["error"] for r in result["rows"]] for result in results]
+        best = [np.nanmax([result["spearman"][n] for n in doubt.SIGNALS]) for result in results]
+        for how in WEIGHTINGS:
+            rhos = [float(spearmanr(weighted_doubt(v, how), e).statistic) for v, e in zip(values, errors)]
+            leads = [rho - b for rho, b in zip(rhos, best)]
+            print(f"  {how:<16} {' '.join(f'{r:+.3f}' for r in rhos)}  worst lead {min(leads):+.3f}")
     if args.subsets:
         print(f"combinations by their worst lead on the best single signal ({', '.join(args.root)}):")
         for lead, names, rhos in subset_leads(results)[:args.subsets]:
