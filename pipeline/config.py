@@ -48,7 +48,8 @@ class RunConfig:
 
     root: str = "runs/default"  # run root, local path or s3://bucket/prefix
     # when to train the networks again: never (reuse the run root's models), always, or auto
-    # (when the training config or the classes changed, or no model exists)
+    # (when the training config or the classes changed, no model exists, or, for IRNet, the
+    # corrections of images it trains on changed)
     retrain: Literal["never", "always", "auto"] = "auto"
     # seeds training (initial weights, augmentation, shuffle order); Ray's scheduling still varies runs
     seed: int = 0
