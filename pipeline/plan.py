@@ -122,27 +122,27 @@ def training_corrections(root: str, manifest_dir: str) -> pa.Table:
                      "correction": corrections.column("correction"), **absolute})
 
 
-def training_corrections_digest(root: str, manifest_dir: str) -> str | None:
+def training_corrections_digest(corrections: pa.Table) -> str | None:
     """What IRNet's training key takes from the corrections (ledger.train_irn_key): a digest of
     the (image_id, correction) pairs of :func:`training_corrections`, None when there are none."""
-    corrections = training_corrections(root, manifest_dir)
     if corrections.num_rows == 0:
         return None
     return ledger.fingerprint({"corrections": [[i, c] for i, c in zip(corrections.column("image_id").to_pylist(),
                                                                       corrections.column("correction").to_pylist())]})
 
 
-def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str) -> tuple[pa.Table, int]:
+def irn_training_rows(root: str, manifest_dir: str, classes: list[str], cams_key: str,
+                      exact: pa.Table) -> tuple[pa.Table, int]:
     """(uri, relation_uri, instance_uri) of the images IRNet trains on, sorted by image_id: those
     not held out with a current CAM row, on their mined relation map (instance_uri null), and
-    those people corrected, on the correction's semantic and instance PNGs (a correction replaces
-    the mined labels; its image needs no CAM)."""
+    those people corrected (``exact``: :func:`training_corrections`, the table IRNet's key was
+    made from), on the correction's semantic and instance PNGs (a correction replaces the mined
+    labels; its image needs no CAM)."""
     current = current_cams(root, manifest_dir, classes, cams_key)
     current = current.filter(pc.invert(current.column("held_out")))
     relations = pa.array([layout.relation_png(root, i) for i in current.column("image_id").to_pylist()], pa.string())
     mined = pa.table({"image_id": current.column("image_id"), "uri": current.column("uri"),
                       "relation_uri": relations, "instance_uri": pa.nulls(current.num_rows, pa.string())})
-    exact = training_corrections(root, manifest_dir)
     exact = pa.table({"image_id": exact.column("image_id"), "uri": exact.column("uri"),
                       "relation_uri": exact.column("semantic_uri"), "instance_uri": exact.column("instance_uri")})
     table = pa.concat_tables([tables.join_rows(mined, exact, ["image_id"], "left anti"), exact])

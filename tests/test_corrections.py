@@ -45,6 +45,19 @@ def current_corrections(root: str):
     return rows
 
 
+def _manifest_dir(root: str) -> str:
+    return layout.manifest_dir(root, json.loads(storage.read_text(layout.run_json(root)))["manifest"]["stamp"])
+
+
+def _held_out(root: str) -> set[str]:
+    manifest = plan.read_manifest(_manifest_dir(root), ["image_id", "held_out"]).to_pylist()
+    return {r["image_id"] for r in manifest if r["held_out"]}
+
+
+def training_corrections(root: str) -> pa.Table:
+    return plan.training_corrections(root, _manifest_dir(root))
+
+
 def _png(uri: str) -> np.ndarray:
     return codecs.decode_label_png(storage.read_bytes(uri))
 
@@ -59,6 +72,7 @@ def test_a_reviewed_and_edited_coco_file_is_stored_and_the_newest_correction_win
                                if a["id"] != dropped and a["image_id"] != third["id"]]
     (tmp_path / "fixed.json").write_text(json.dumps(document))
     name = correct.main(["--root", run_root, "--from", str(tmp_path / "fixed.json"), "--note", "first pass"])
+    first_digest = plan.training_corrections_digest(training_corrections(run_root))
     table = current_corrections(run_root)
     by_id = {r["image_id"]: r for r in table}
     ids = [im["file_name"].rsplit(".", 1)[0] for im in (first, second, third)]
@@ -81,6 +95,12 @@ def test_a_reviewed_and_edited_coco_file_is_stored_and_the_newest_correction_win
     assert later > name and len(_stored(run_root)) == 2
     by_id = {r["image_id"]: r for r in current_corrections(run_root)}
     assert by_id[ids[2]]["num_instances"] == 1 and by_id[ids[0]]["note"] == "first pass"
+    # IRNet trains on the newest correction of each image it may train on (not held out), and
+    # its key changes with it.
+    training = {r["image_id"]: r["correction"] for r in training_corrections(run_root).to_pylist()}
+    held_out = _held_out(run_root)
+    assert training == {i: later if i == ids[2] else name for i in ids if i not in held_out}
+    assert plan.training_corrections_digest(training_corrections(run_root)) != first_digest
     semantic = _png(by_id[ids[2]]["semantic_uri"])
     assert semantic.shape == (height, width) and semantic[2:10, 2:10].all() and semantic.sum() == 64
 
@@ -212,12 +232,10 @@ def test_corrections_retrain_irnet_and_every_other_image_is_relabelled(labelled,
     label.main(labelled["args"] + ["--set", f"run.root={root}"])  # run.retrain: auto
     state = json.loads(storage.read_text(layout.run_json(root)))
     assert state["stages"]["train_irn"]["key"] != base_state["stages"]["train_irn"]["key"]
-    manifest_dir = layout.manifest_dir(root, state["manifest"]["stamp"])
-    table, _ = plan.irn_training_rows(root, manifest_dir, classes, state["stages"]["cams"]["key"])
+    table, _ = plan.irn_training_rows(root, _manifest_dir(root), classes, state["stages"]["cams"]["key"],
+                                      training_corrections(root))
     exact = [r for r in table.to_pylist() if r["instance_uri"]]
-    held_out = {r["image_id"] for r in plan.read_manifest(manifest_dir, ["image_id", "held_out"]).to_pylist()
-                if r["held_out"]}
-    assert len(exact) == len(set(ids) - held_out) > 0
+    assert len(exact) == len(set(ids) - _held_out(root)) > 0
     assert all("/corrections/" in r["relation_uri"] and "/corrections/" in r["instance_uri"] for r in exact)
 
     retrained = ledger.latest_version(root)

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import ledger, plan, tasks
 from pipeline.algorithms.losses import irn_losses
-from pipeline.algorithms.pairs import downsample_labels, instance_relation_map, relation_pair_labels
+from pipeline.algorithms.pairs import IGNORE_LABEL, downsample_labels, instance_relation_map, relation_pair_labels
 from pipeline.config import Config
 from pipeline.data.images import UNREADABLE, read_inputs, read_label, unreadable_reason
 from pipeline.data.transforms import irn_train_sample, normalize
@@ -58,6 +58,8 @@ class IrnSamples:
                 instances = read_label(instance_uri)
                 if instances.shape != relation.shape:
                     raise ValueError(f"instance map {instances.shape} does not match the image {relation.shape}")
+                if int(instances.max(initial=0)) >= IGNORE_LABEL:  # a uint8 relation map holds ids 1..254
+                    log.warning("%s: the corrected instances past id %d are not trained on", uri, IGNORE_LABEL - 1)
                 relation = instance_relation_map(relation, instances)
         except UNREADABLE as err:
             log.warning("skipping %s in IRNet training: %s", uri, unreadable_reason(err))
@@ -197,13 +199,15 @@ def train_irn(cfg: Config, table_ref, num_images: int, *, name: str = "irn") -> 
 
 def stage_train_irn(run: ledger.Run) -> dict[str, Any]:
     cams_key = run.recorded_cams_key()
-    corrections = tasks.get(tasks.run_task(plan.training_corrections_digest, run.root, run.manifest_dir,
-                                           num_cpus=run.cfg.run.io_cpus))
+    # the corrections are read once: the key and the training rows come from the same table, so a
+    # correction stored meanwhile is neither trained on under a key without it nor the reverse
+    exact_ref = tasks.run_task(plan.training_corrections, run.root, run.manifest_dir, num_cpus=run.cfg.run.io_cpus)
+    corrections = tasks.get(tasks.run_task(plan.training_corrections_digest, exact_ref, num_cpus=run.cfg.run.io_cpus))
     key = ledger.train_irn_key(run.cfg, cams_key, corrections)
 
     def train(name: str) -> dict[str, Any]:
         table_ref, count_ref = tasks.run_task(plan.irn_training_rows, run.root, run.manifest_dir, run.classes,
-                                               cams_key, num_returns=2, num_cpus=run.cfg.run.io_cpus)
+                                               cams_key, exact_ref, num_returns=2, num_cpus=run.cfg.run.io_cpus)
         return train_irn(run.cfg, table_ref, tasks.get(count_ref), name=name)
 
     return common.train_network(run, "irn", key, train)
