@@ -6,8 +6,10 @@ SegmentationObject). An image present in the file has all of its instances there
 none is background. The whole file is checked first (image ids in the run's manifest, classes of
 the run, masks inside their images, a well-formed file): on any error one line names the entry,
 exit status 2, and nothing is stored. A valid file is stored under ``corrections/`` of the run
-root, never rewritten; the newest correction of an image wins. Holds the run root's lease while it
-writes. The next labelling run puts the corrections into its version, verbatim (docs/review.md).
+root, never rewritten; images equal to their stored correction are not stored again (a file with
+nothing new stores nothing), and the newest correction of an image wins. Holds the run root's
+lease while it writes. The next labelling run puts the corrections into its version, verbatim
+(docs/review.md).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from pipeline.stages.corrections import (
     CorrectionError,
     read_corrections,
     store_corrections,
+    unchanged,
 )
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> str | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="run root (local path or s3://...)")
     p.add_argument("--from", dest="source", required=True, help="corrected COCO JSON or VOC folder")
@@ -43,10 +46,16 @@ def main(argv: list[str] | None = None) -> str:
         print(f"correction error: {args.source}: {err}; nothing was stored", file=sys.stderr)
         raise SystemExit(2) from None
     with _cli.writing(args.root, args):
-        name = store_corrections(args.root, corrected, note=args.note, source=args.source)
-        logging.getLogger("irn-ray").info("stored %d corrected image(s) as %s", len(corrected),
+        same = unchanged(args.root, corrected)
+        new = [c for c in corrected if c.image_id not in same]
+        kept = f"; {len(same)} equal to their stored correction, not stored again" if same else ""
+        if not new:
+            print(f"corrections: nothing new in {args.source}{kept}")
+            return None
+        name = store_corrections(args.root, new, note=args.note, source=args.source)
+        logging.getLogger("irn-ray").info("stored %d corrected image(s) as %s", len(new),
                                           layout.correction_dir(args.root, name))
-        print(f"corrections: {len(corrected)} image(s) stored in {layout.correction_dir(args.root, name)}")
+        print(f"corrections: {len(new)} image(s) stored in {layout.correction_dir(args.root, name)}{kept}")
         return name
 
 

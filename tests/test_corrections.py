@@ -101,6 +101,14 @@ def test_a_reviewed_and_edited_coco_file_is_stored_and_the_newest_correction_win
     held_out = _held_out(run_root)
     assert training == {i: later if i == ids[2] else name for i in ids if i not in held_out}
     assert plan.training_corrections_digest(training_corrections(run_root)) != first_digest
+    # The same file again (an annotation tool's export taken each night) stores nothing; the first
+    # file again stores only the image whose stored correction it no longer equals.
+    assert correct.main(["--root", run_root, "--from", str(tmp_path / "redo.json")]) is None
+    assert len(_stored(run_root)) == 2
+    again = correct.main(["--root", run_root, "--from", str(tmp_path / "fixed.json")])
+    assert len(_stored(run_root)) == 3 and [r["image_id"] for r in plan.current_corrections(run_root).to_pylist()
+                                            if r["correction"] == again] == [ids[2]]
+    assert not _png(current_corrections(run_root)[sorted(ids).index(ids[2])]["semantic_uri"]).any()
     semantic = _png(by_id[ids[2]]["semantic_uri"])
     assert semantic.shape == (height, width) and semantic[2:10, 2:10].all() and semantic.sum() == 64
 

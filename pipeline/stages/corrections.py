@@ -10,17 +10,21 @@ Everything is checked before anything is stored: an image id the run's manifest 
 class the run does not have, a mask that leaves its image or a size that is not the image's, a
 malformed or truncated file: :class:`CorrectionError` names the entry, and nothing is written.
 A valid file becomes ``corrections/<stamp>-<key>/`` (key: a hash of its content): the PNGs, the
-instance rows, then ``images.parquet``, which commits it. Nothing there is ever rewritten; the
+instance rows, then ``images.parquet``, which commits it; images equal to their current correction
+are left out (:func:`unchanged`), and a file with nothing new stores nothing. Nothing there is ever rewritten; the
 newest correction of an image wins (plan.current_corrections); the next labelling run's version
 carries it verbatim (label_tables.apply_corrections).
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,8 +210,47 @@ def read_corrections(root: str, source: str, classes: list[str]) -> list[Correct
     return found
 
 
+def unchanged(root: str, corrected: list[Corrected]) -> set[str]:
+    """The ids of the images of ``corrected`` whose labels equal their current stored correction
+    (the semantic map, the instance map and the instance count): storing them again would change
+    nothing but the correction's name, which makes a new version and retrains IRNet. An annotation
+    tool's export taken again each night is stored once."""
+    from pipeline.stages.synthesis import instance_id_map
+
+    current = {r["image_id"]: r for r in plan.current_corrections(root).to_pylist()}
+
+    def same(c: Corrected) -> bool:
+        row = current.get(c.image_id)
+        if row is None or row["num_instances"] != len(c.masks):
+            return False
+        directory = layout.correction_dir(root, row["correction"])
+        semantic = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["semantic_uri"], directory)))
+        if not np.array_equal(semantic, c.semantic):
+            return False
+        instances = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["instance_uri"], directory)))
+        return np.array_equal(instances, instance_id_map(c.masks, np.ones(len(c.masks)), c.semantic.shape))
+
+    with ThreadPoolExecutor(16) as pool:  # one or two GETs per image that has a correction
+        return {c.image_id for c, equal in zip(corrected, pool.map(same, corrected)) if equal}
+
+
+STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def _next_stamp(root: str) -> str:
+    """Now (UTC, to the second), or one second past the newest stored correction's stamp when now
+    is not later: names sort in the order they were stored, so the newest wins even for two
+    corrections within one second or a writer whose clock is behind."""
+    now = calendar.timegm(time.gmtime())
+    names = [d.rstrip("/").rsplit("/", 1)[-1] for d in storage.list_dirs(layout.corrections_root(root))]
+    stamps = [name.split("-", 1)[0] for name in names]
+    stored = [calendar.timegm(time.strptime(s, STAMP)) for s in stamps if re.fullmatch(r"\d{8}T\d{6}Z", s)]
+    return time.strftime(STAMP, time.gmtime(max([now, *(t + 1 for t in stored)])))
+
+
 def store_corrections(root: str, corrected: list[Corrected], *, note: str = "", source: str = "") -> str:
-    """Write ``corrected`` as one immutable correction ``corrections/<stamp>-<key>/``; its name."""
+    """Write ``corrected`` as one immutable correction ``corrections/<stamp>-<key>/``; its name.
+    The caller holds the run root's lease (the stamp is chosen after every stored one)."""
     # Here, not at the top: the synthesis stage imports torch (seconds), which checking a file does not need.
     from pipeline.stages.synthesis import instance_id_map, instance_rows
 
@@ -217,7 +260,7 @@ def store_corrections(root: str, corrected: list[Corrected], *, note: str = "", 
     digest = hashlib.sha256()
     for image_id in sorted(pngs):
         digest.update(image_id.encode() + b"\0" + pngs[image_id][0] + pngs[image_id][1])
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = _next_stamp(root)
     name = f"{stamp}-{digest.hexdigest()[:12]}"
     directory = layout.correction_dir(root, name)
     instances, images = [], []
