@@ -275,4 +275,8 @@ def test_review_and_corrections_on_the_s3_run(s3_env):
         assert len(lines) == 1 and lines[0].startswith(f"correction error: s3://irn/review/{name}.json: "), lines
         assert expected in lines[0] and lines[0].endswith("nothing was stored"), lines[0]
         assert _keys(s3_env, "run/corrections/") == stored, name
+    # The same file again (a tool's export taken in each night): nothing new, nothing stored.
+    again = _job("jobs.correct", ["--root", "s3://irn/run", "--from", "s3://irn/review/edited.json"], s3_env)
+    assert again.returncode == 0 and "nothing new" in again.stdout, again.stderr[-3000:]
+    assert _keys(s3_env, "run/corrections/") == stored
     assert _object(s3_env, "run/_lease.json") is None

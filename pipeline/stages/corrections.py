@@ -10,10 +10,10 @@ Everything is checked before anything is stored: an image id the run's manifest 
 class the run does not have, a mask that leaves its image or a size that is not the image's, a
 malformed or truncated file: :class:`CorrectionError` names the entry, and nothing is written.
 A valid file becomes ``corrections/<stamp>-<key>/`` (key: a hash of its content): the PNGs, the
-instance rows, then ``images.parquet``, which commits it; images equal to their current correction
-are left out (:func:`unchanged`), and a file with nothing new stores nothing. Nothing there is ever rewritten; the
-newest correction of an image wins (plan.current_corrections); the next labelling run's version
-carries it verbatim (label_tables.apply_corrections).
+instance rows, then ``images.parquet``, which commits it. Images equal to their current
+correction are left out (:func:`unchanged`; a file with nothing new stores nothing). Nothing there
+is ever rewritten; the newest correction of an image wins (plan.current_corrections); the next
+labelling run's version carries it verbatim (label_tables.apply_corrections).
 """
 
 from __future__ import annotations
