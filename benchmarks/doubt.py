@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -128,7 +128,8 @@ def weighted_doubt(values: np.ndarray, how: str) -> np.ndarray:
     rank one), ``agreement`` (each signal's mean correlation with the others, clipped at 0),
     ``leave_one_out`` (its correlation with the weighted sum of the others, iterated from equal
     weights, clipped at 0) or ``first_component`` (the first principal component)."""
-    ranks = np.column_stack([(rankdata(c) - 1) / max(len(c) - 1, 1) for c in values.T if np.ptp(c) > 0])
+    varying = [name for j, name in enumerate(doubt.SIGNALS) if np.ptp(values[:, j]) > 0]
+    ranks = np.column_stack([doubt.version_doubt(values, combined=(name,)) for name in varying])  # percentile ranks
     cov = np.cov(ranks, rowvar=False)
     if how in ("spectral", "first_component"):
         diagonal = np.diag(cov).copy()
