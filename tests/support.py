@@ -15,6 +15,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports bound to 0 (Linux's default when the file is absent)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(n) for n in f.read().split())
+    except OSError:
+        low, high = 32768, 60999
+    return low, high
+
+
 def wait_for_port(port: int, *, timeout: float, process: subprocess.Popen | None = None) -> None:
     """Block until something accepts connections on 127.0.0.1:``port``; fail if ``process`` exits."""
     deadline = time.time() + timeout

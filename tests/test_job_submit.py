@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import copy_models, free_port, wait_for_port
+from support import copy_models, ephemeral_ports, free_port, wait_for_port
 
 from pipeline import label_tables
 from pipeline.data.synthetic import write_synthetic_set
@@ -34,7 +34,9 @@ def ray_head():
     """A Ray head on 127.0.0.1 with its own ports and temp dir; yields the job server address."""
     temp = tempfile.mkdtemp(prefix="irnhead", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()
-    first_worker_port = random.randrange(30000, 40000, 200)
+    # Below the kernel's ephemeral range, where free_port() draws the head's other ports: the two
+    # can never overlap (Ray refuses to start when a chosen port falls inside the worker range).
+    first_worker_port = random.randrange(10000, ephemeral_ports()[0] - 200, 200)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            # Like an activated virtualenv: the job's `python` is this interpreter.
            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
