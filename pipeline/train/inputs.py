@@ -5,8 +5,8 @@ Each network's samples are made in two steps by a *sample maker*:
 when they are unusable), and ``augment(arrays, rng)`` draws the random resize / flip / crop of
 one epoch. ``collate(samples, device)`` stacks them into the batch the loss takes.
 
-* Small sets (at most ``run.decode_once_max_images`` training images): one Ray Data pass decodes
-  every image, the decoded arrays are materialised in Ray's object store, and the training
+* Small sets (at most ``run.decode_once_max_images`` training images): one Ray Data pass of
+  tasks decodes every image, the decoded arrays are materialised in Ray's object store, and the training
   workers augment them every epoch (:func:`augmented_batches`). Nothing is read or decoded again,
   no CPU actor runs during training, so training can hold every CPU.
 * Larger sets stream: decode + augment run in a CPU actor pool every epoch
@@ -41,14 +41,10 @@ def columns(samples: list[dict[str, np.ndarray]], keys: tuple[str, ...]) -> dict
     return {k: object_array([s[k] for s in samples]) for k in keys}
 
 
-class DecodeBatch:
-    """Ray Data map: rows -> the maker's decoded arrays (one pass per run, before training)."""
-
-    def __init__(self, *, maker):
-        self.maker = maker
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return columns(decode_rows(self.maker, batch), self.maker.decoded_keys)
+def decode_batch(batch: dict[str, np.ndarray], *, maker) -> dict[str, np.ndarray]:
+    """Ray Data map: rows -> the maker's decoded arrays (one pass per run, before training), in
+    Ray tasks: pooled worker processes, no actor to start for a pass that runs once."""
+    return columns(decode_rows(maker, batch), maker.decoded_keys)
 
 
 class AugmentBatch:
@@ -77,10 +73,10 @@ def training_dataset(table_ref, maker, *, decode_once: bool, augment: bool = Tru
     import ray.data
 
     source = dataset(table_ref, rows_per_block)
-    compute = ray.data.ActorPoolStrategy(min_size=1, max_size=2)
     if decode_once:
-        return source.map_batches(DecodeBatch, fn_constructor_kwargs={"maker": maker}, batch_size=8,
-                                  batch_format="numpy", compute=compute, num_cpus=actor_cpus).materialize()
+        return source.map_batches(decode_batch, fn_kwargs={"maker": maker}, batch_size=8, batch_format="numpy",
+                                  num_cpus=actor_cpus).materialize()
+    compute = ray.data.ActorPoolStrategy(min_size=1, max_size=2)
     if augment:
         source = source.randomize_block_order()
     return source.map_batches(AugmentBatch, fn_constructor_kwargs={"maker": maker, "augment": augment},
