@@ -1,6 +1,6 @@
 """Interruption: jobs.label killed mid-stage (SIGKILL, then SIGTERM) resumes and ends like an uninterrupted run;
-the run root's lease keeps the next job out until the killed one's lease expires, and a SIGTERMed
-job gives it back.
+the run root's lease keeps the next job out until the killed one's lease expires, a SIGTERMed
+job gives it back, and of two jobs started at once on the root one runs and the other stops.
 
 The reference is the session's labelled run of the hostile data set (tests/conftest.py). Each
 interrupted run starts from its exported networks (``run.retrain=never``), so every later stage
@@ -77,17 +77,29 @@ def _interrupt_when(job: subprocess.Popen, directory: str, sig: signal.Signals, 
     return present
 
 
-def _finish(args: list[str], root: str) -> dict:
-    """Rerun the job to completion; its run.json."""
-    done = _start(args)
-    output, _ = done.communicate(timeout=600)
-    assert done.returncode == 0, output[-4000:]
+def _finish_two_at_once(args: list[str], root: str) -> dict:
+    """Start two jobs on ``root`` at the same moment: exactly one takes the lease, the other exits 4
+    within seconds in one line; the first finishes. Its run.json."""
+    started = time.time()
+    jobs = [_start(args), _start(args)]
+    while all(job.poll() is None for job in jobs):
+        assert time.time() - started < 120, "neither job stopped"
+        time.sleep(0.1)
+    first = next(job for job in jobs if job.poll() is not None)
+    output = first.stdout.read()
+    assert first.returncode == 4, output[-3000:]
+    assert output.strip().startswith("run root locked: held by jobs.label") and len(output.strip().splitlines()) == 1
+    assert time.time() - started < 60
+    other = jobs[1 - jobs.index(first)]
+    rest, _ = other.communicate(timeout=600)
+    assert other.returncode == 0, rest[-4000:]
     return json.loads(storage.read_text(layout.run_json(root)))
 
 
 def test_sigkill_during_crf_mining_then_sigterm_during_synthesis_resume_to_the_same_labels(labelled, tmp_path):
     """One root, interrupted twice: SIGKILL to the whole process group during CRF mining, then
-    SIGTERM to the driver during synthesis; the third run completes."""
+    SIGTERM to the driver during synthesis; then two jobs start at the same moment: one stops at
+    once, the other completes."""
     root = str(tmp_path / "interrupted")
     copy_models(labelled["root"], root)
     args = _args(labelled, root)
@@ -121,7 +133,7 @@ def test_sigkill_during_crf_mining_then_sigterm_during_synthesis_resume_to_the_s
     assert pending["name"] == version and not pending.get("complete")
     assert not storage.exists(layout.latest_pointer(root))  # nothing half-done is published
 
-    state = _finish(args, root)
+    state = _finish_two_at_once(args, root)
     counts = state["stages"]["synthesis"]["counts"]
     labelled_images = len(labelled["outputs"])
     assert counts["version"] == version  # the interrupted version was resumed, not restarted
@@ -131,24 +143,3 @@ def test_sigkill_during_crf_mining_then_sigterm_during_synthesis_resume_to_the_s
         assert os.stat(uri).st_mtime_ns == mtime, uri
     assert_same_outputs(label_outputs(root), labelled["outputs"])
 
-
-def test_two_jobs_started_at_once_on_one_root_one_runs_and_the_other_stops(labelled, tmp_path):
-    """Two jobs.label on one root at the same moment: exactly one takes the lease and labels; the
-    other exits 4 within seconds with one line; the labels are those of one uninterrupted run."""
-    root = str(tmp_path / "twice")
-    copy_models(labelled["root"], root)
-    args = _args(labelled, root)
-    started = time.time()
-    jobs = [_start(args), _start(args)]
-    while all(job.poll() is None for job in jobs):
-        assert time.time() - started < 120, "neither job stopped"
-        time.sleep(0.1)
-    first = next(job for job in jobs if job.poll() is not None)
-    output = first.stdout.read()
-    assert first.returncode == 4, output[-3000:]
-    assert output.strip().startswith("run root locked: held by jobs.label") and len(output.strip().splitlines()) == 1
-    assert time.time() - started < 60
-    other = jobs[1 - jobs.index(first)]
-    rest, _ = other.communicate(timeout=600)
-    assert other.returncode == 0, rest[-4000:]
-    assert_same_outputs(label_outputs(root), labelled["outputs"])

@@ -54,10 +54,10 @@ def ray_head():
         wait_for_port(dashboard, timeout=120, process=head)
         yield {"address": address, "env": env}
     finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head shuts down every process it started
         try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGTERM)  # the head and every process it started (its own group)
+            head.wait(timeout=2)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
             os.killpg(head.pid, signal.SIGKILL)  # anything of this head (its own process group) still up

@@ -90,7 +90,8 @@ def test_label_job_on_s3_matches_the_same_run_on_local_paths(s3_env, tmp_path, l
             "--set", "run.retrain=never"]
     ray_tmp = tempfile.mkdtemp(prefix="irns3", dir="/tmp")  # the job's Ray logs, to search (short: socket paths)
     try:
-        job = _label(args, faulty, RAY_TMPDIR=ray_tmp)
+        # The default policy's attempts with shorter waits: the retries, not their pauses, are under test.
+        job = _label(args, faulty, RAY_TMPDIR=ray_tmp, IRN_STORAGE_RETRIES="8,0.05,1")
         # A second job on the same root while the first holds the lease stops at once, writing nothing.
         deadline = time.time() + 120
         while _object(s3_env, "run/_lease.json") is None:
@@ -266,15 +267,27 @@ def test_review_and_corrections_on_the_s3_run(s3_env):
            "unknown-class": ({**document, "categories": [{"id": 1, "name": "unicorn"}]}, "category 'unicorn'"),
            "wrong-size": ({**document, "images": [{**image, "width": image["width"] + 1}], "annotations": []},
                           f"image {image['id']} ({image['file_name']!r}): says {image['width'] + 1}x{image['height']}")}
-    for name, (content, expected) in bad.items():
+    for name, (content, _) in bad.items():
         body = content if isinstance(content, str) else json.dumps(content)
         _s3(s3_env).put_object(Bucket="irn", Key=f"review/{name}.json", Body=body.encode())
-        refused = _job("jobs.correct", ["--root", "s3://irn/run", "--from", f"s3://irn/review/{name}.json"], s3_env)
-        assert refused.returncode == 2, (name, refused.stderr[-3000:])
-        lines = refused.stderr.strip().splitlines()
+    # One process runs jobs.correct on each file (a process per file would spend seconds importing).
+    refused = _run("import contextlib, io, json; from jobs import correct; out = {}\n"
+                   f"for name in {list(bad)!r}:\n"
+                   "    err = io.StringIO()\n"
+                   "    with contextlib.redirect_stderr(err):\n"
+                   "        try: correct.main(['--root', 's3://irn/run', '--from', f's3://irn/review/{name}.json'])\n"
+                   "        except SystemExit as e: out[name] = [e.code, err.getvalue()]\n"
+                   "print(json.dumps(out))", s3_env)
+    _assert_no_credentials(refused.stdout.encode() + refused.stderr.encode(), "jobs.correct's output")
+    assert refused.returncode == 0, refused.stderr[-3000:]
+    outcomes = json.loads(refused.stdout.strip().splitlines()[-1])
+    for name, (_, expected) in bad.items():
+        code, stderr = outcomes[name]
+        assert code == 2, (name, stderr[-3000:])
+        lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"correction error: s3://irn/review/{name}.json: "), lines
         assert expected in lines[0] and lines[0].endswith("nothing was stored"), lines[0]
-        assert _keys(s3_env, "run/corrections/") == stored, name
+    assert _keys(s3_env, "run/corrections/") == stored
     # The same file again (a tool's export taken in each night): nothing new, nothing stored.
     again = _job("jobs.correct", ["--root", "s3://irn/run", "--from", "s3://irn/review/edited.json"], s3_env)
     assert again.returncode == 0 and "nothing new" in again.stdout, again.stderr[-3000:]
