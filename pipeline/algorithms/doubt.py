@@ -30,8 +30,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
-from scipy.stats import rankdata
 
 SIGNALS = ("low_score", "weak_outline", "cam_outside", "area_mismatch", "count_mismatch", "fragments",
            "walk_margin")
@@ -40,6 +38,8 @@ IGNORE = 255
 
 def _outline(mask: np.ndarray) -> np.ndarray:
     """The mask's pixels with a 4-neighbour outside it."""
+    from scipy import ndimage  # here, not at the top: every process imports this module (ledger)
+
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1),
                                           border_value=1)
 
@@ -54,6 +54,8 @@ def _on_grid(values: np.ndarray, size: tuple[int, int], stride: int) -> np.ndarr
 def instance_doubt(masks: np.ndarray, scores: np.ndarray, boundary: np.ndarray | None, *, stride: int = 4,
                    edge: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per instance: (doubt, share of the outline on weak boundary, fragmented 0/1), float32 [N] each."""
+    from scipy import ndimage
+
     n = len(masks)
     weak, fragmented = np.zeros(n, np.float32), np.zeros(n, np.float32)
     strong = None if boundary is None else _on_grid(np.asarray(boundary), masks.shape[1:], stride) >= edge
@@ -130,6 +132,8 @@ def version_doubt(signals: np.ndarray, *, combined: Sequence[str] = COMBINED) ->
     their mean rank). ``signals`` is float [N, len(SIGNALS)] in SIGNALS order, NaN where a
     signal is missing (a row labelled before the signal existed); a row missing all of ``combined``
     gets NaN."""
+    from scipy.stats import rankdata
+
     signals = np.asarray(signals, np.float64).reshape(-1, len(SIGNALS))
     ranks = np.full((len(signals), len(combined)), np.nan)
     for j, name in enumerate(combined):
