@@ -27,7 +27,6 @@ from typing import BinaryIO, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 __all__ = [
@@ -42,12 +41,7 @@ __all__ = [
 
 WeightsSource = Union[str, "os.PathLike[str]", BinaryIO]
 
-_RESNETS = {
-    18: (torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
-    34: (torchvision.models.resnet34, torchvision.models.ResNet34_Weights),
-    50: (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
-    101: (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
-}
+DEPTHS = (18, 34, 50, 101)
 # Prefixes that training wrappers add to state-dict keys (DDP, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -125,9 +119,13 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, *, depth: int = 50, batch_norm: bool = False) -> None:
         super().__init__()
-        if depth not in _RESNETS:
-            raise ValueError(f"depth must be one of {sorted(_RESNETS)}, got {depth}")
-        builder, _ = _RESNETS[depth]
+        # torchvision here, not at the top: its import (~1 s) is paid only by processes that build
+        # a network, not by every Ray worker and driver that imports the pipeline.
+        import torchvision
+
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {list(DEPTHS)}, got {depth}")
+        builder = getattr(torchvision.models, f"resnet{depth}")
         # batch_norm=True: ordinary BatchNorm (statistics update in train mode), for training
         # from scratch where no pretrained statistics exist to freeze.
         net = builder(weights=None, norm_layer=nn.BatchNorm2d if batch_norm else FrozenBatchNorm2d)
@@ -238,7 +236,9 @@ def build_backbone(*, depth: int = 50, init: WeightsSource = "none", batch_norm:
     if isinstance(init, str) and init == "none":
         return backbone
     if isinstance(init, str) and init == "imagenet":
-        weights = _RESNETS[depth][1].IMAGENET1K_V1
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(f"resnet{depth}").IMAGENET1K_V1
         state = weights.get_state_dict(progress=False)
     elif isinstance(init, (str, os.PathLike)) or hasattr(init, "read"):
         state = load_state_dict_file(init)

@@ -22,7 +22,6 @@ import io
 from typing import BinaryIO
 
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.models.backbone import extract_backbone_state, load_state_dict_file
@@ -50,6 +49,8 @@ def build_segmenter(model: str, num_classes: int, *, depth: int = 50, backbone_i
     Returns: the model on CPU, float32, in train mode. DeepLab maps [B, 3, H, W] (normalised) to
         {"out": logits [B, C + 1, H, W]}; Mask R-CNN takes lists of [3, H, W] images in [0, 1].
     """
+    import torchvision  # here: only the processes that build a segmenter pay its import
+
     if model not in MODELS:
         raise ValueError(f"segmenter.model must be one of {MODELS}, got {model!r}")
     if depth not in DEPTHS:
@@ -104,6 +105,7 @@ def _half_width_maskrcnn(backbone: nn.Module, num_classes: int, detection: dict)
     """Mask R-CNN on a ResNet-18 FPN body with the FPN and the mask head at 128 channels (torchvision's
     are 256): on 2 CPU cores it trains 2.7x and predicts 2.4x faster (benchmarks/segmenter_width.py),
     the box head (1024-d) and every other setting as torchvision's."""
+    import torchvision
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
