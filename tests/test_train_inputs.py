@@ -44,6 +44,20 @@ def test_training_inputs_decoded_once_or_streamed(tmp_path, ray_session, decode_
     assert not torch.equal(epochs[0], epochs[1])  # a new augmentation every epoch
 
 
+def test_decoded_once_in_parallel_tasks_keeps_the_table_order(tmp_path, ray_session):
+    """The decoding tasks finish in any order; the decoded rows keep the table's, so the workers'
+    shards and their seeded shuffles draw the same samples on every run."""
+    import ray
+
+    table, _ = _rows(tmp_path, 64)
+    maker = CamSamples(resize_long=[48, 64], crop=40, max_pixels=10**7)
+    data = inputs.training_dataset(ray.put(table), maker, decode_once=True, rows_per_block=2)
+    decoded = [row["image"] for row in data.iter_rows()]
+    expected = [maker.decode(row)["image"] for row in table.to_pylist()]
+    assert len(decoded) == len(expected) == 64
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, expected))
+
+
 def test_decode_once_threshold():
     assert inputs.decodes_once(2000, 2000) and not inputs.decodes_once(2001, 2000)
     assert not inputs.decodes_once(1, 0)

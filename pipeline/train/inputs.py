@@ -74,8 +74,12 @@ def training_dataset(table_ref, maker, *, decode_once: bool, augment: bool = Tru
 
     source = dataset(table_ref, rows_per_block)
     if decode_once:
-        return source.map_batches(decode_batch, fn_kwargs={"maker": maker}, batch_size=8, batch_format="numpy",
-                                  num_cpus=actor_cpus).materialize()
+        decoded = source.map_batches(decode_batch, fn_kwargs={"maker": maker}, batch_size=8, batch_format="numpy",
+                                     num_cpus=actor_cpus)
+        # The table's order, whichever task finishes first: the workers' shards and the epochs'
+        # shuffles (seeded) then draw the same samples on every run.
+        decoded.context.execution_options.preserve_order = True
+        return decoded.materialize()
     compute = ray.data.ActorPoolStrategy(min_size=1, max_size=2)
     if augment:
         source = source.randomize_block_order()
