@@ -78,8 +78,8 @@ def _interrupt_when(job: subprocess.Popen, directory: str, sig: signal.Signals, 
 
 
 def _finish_two_at_once(args: list[str], root: str) -> dict:
-    """Start two jobs on ``root`` at the same moment: exactly one takes the lease, the other exits 4
-    within seconds in one line; the first finishes. Its run.json."""
+    """Start two jobs on ``root`` at the same moment: exactly one takes the lease and finishes, the
+    other exits 4 within seconds in one line. The run.json after it."""
     started = time.time()
     jobs = [_start(args), _start(args)]
     while all(job.poll() is None for job in jobs):

@@ -6,9 +6,10 @@ when they are unusable), and ``augment(arrays, rng)`` draws the random resize / 
 one epoch. ``collate(samples, device)`` stacks them into the batch the loss takes.
 
 * Small sets (at most ``run.decode_once_max_images`` training images): one Ray Data pass of
-  tasks decodes every image, the decoded arrays are materialised in Ray's object store, and the training
-  workers augment them every epoch (:func:`augmented_batches`). Nothing is read or decoded again,
-  no CPU actor runs during training, so training can hold every CPU.
+  tasks decodes every image (in the table's order), the decoded arrays are materialised in Ray's
+  object store, and the training workers augment them every epoch (:func:`augmented_batches`).
+  Nothing is read or decoded again, no CPU actor runs during training, so training can hold every
+  CPU.
 * Larger sets stream: decode + augment run in a CPU actor pool every epoch
   (:class:`AugmentBatch`), so memory stays bounded whatever the set's size.
 """
