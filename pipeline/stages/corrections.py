@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
 from pipeline import label_tables, ledger, plan
 from pipeline.data.classes import Vocabulary
-from pipeline.data.images import image_size
+from pipeline.data.images import image_size, read_label
 from pipeline.io import codecs, layout, storage
 from pipeline.stages import coco
 
@@ -217,17 +218,19 @@ def unchanged(root: str, corrected: list[Corrected]) -> set[str]:
     tool's export taken again each night is stored once."""
     from pipeline.stages.synthesis import instance_id_map
 
-    current = {r["image_id"]: r for r in plan.current_corrections(root).to_pylist()}
+    stored = plan.current_corrections(root)
+    mine = pc.is_in(stored.column("image_id"), pa.array([c.image_id for c in corrected], pa.string()))
+    current = {r["image_id"]: r for r in stored.filter(mine).to_pylist()}  # rows of this file's images only
 
     def same(c: Corrected) -> bool:
         row = current.get(c.image_id)
         if row is None or row["num_instances"] != len(c.masks):
             return False
         directory = layout.correction_dir(root, row["correction"])
-        semantic = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["semantic_uri"], directory)))
+        semantic = read_label(storage.resolve(row["semantic_uri"], directory))
         if not np.array_equal(semantic, c.semantic):
             return False
-        instances = codecs.decode_label_png(storage.read_bytes(storage.resolve(row["instance_uri"], directory)))
+        instances = read_label(storage.resolve(row["instance_uri"], directory))
         return np.array_equal(instances, instance_id_map(c.masks, np.ones(len(c.masks)), c.semantic.shape))
 
     with ThreadPoolExecutor(16) as pool:  # one or two GETs per image that has a correction
