@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -124,3 +125,16 @@ def corrections_changed(base_index: pa.Table, corrections: pa.Table) -> int:
     version's index does: corrected since, or by a newer correction."""
     applied = conform(base_index, INDEX_SCHEMA).select(["image_id", "correction"])
     return join_rows(corrections, applied, ["image_id", "correction"], "left anti").num_rows
+
+
+def rank_doubt(index: pa.Table) -> pa.Table:
+    """``index`` with its ``doubt`` column: each image's signals ranked among the version's images
+    that IRNet labelled (``doubt.version_doubt``); a person's labels (``source`` human) are not in
+    doubt (0)."""
+    human = pc.equal(index.column("source"), "human").to_numpy(zero_copy_only=False).astype(bool)
+    signals = np.stack([index.column(f"doubt_{name}").to_numpy(zero_copy_only=False).astype(np.float64)
+                        for name in doubt.SIGNALS], axis=1) if index.num_rows else np.zeros((0, len(doubt.SIGNALS)))
+    ranked = np.zeros(index.num_rows)
+    ranked[~human] = doubt.version_doubt(signals[~human])
+    return index.set_column(index.schema.get_field_index("doubt"), "doubt",
+                            pa.array(ranked, pa.float32(), mask=np.isnan(ranked)))

@@ -1,4 +1,5 @@
-"""The run's bookkeeping, in one place: keys, ``run.json``, labels versions, quarantine, commit rules.
+"""The run's bookkeeping, in one place: keys, ``run.json``, labels versions, which images a version
+quarantines, commit rules.
 
 What will tonight's run redo?
 -----------------------------
@@ -98,15 +99,21 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import __version__
-from pipeline.algorithms import doubt
 from pipeline.config import Config
 from pipeline.data.classes import Vocabulary
-from pipeline.io import codecs, layout, storage
-from pipeline.io.tables import conform, join_rows, read_shards
-from pipeline.label_tables import CORRECTION_ROWS, INDEX_SCHEMA, URI_COLUMNS, apply_corrections, relative_to_sibling
+from pipeline.io import layout, storage
+from pipeline.io.tables import conform, join_rows
+from pipeline.label_tables import (
+    CORRECTION_ROWS,
+    INDEX_SCHEMA,
+    URI_COLUMNS,
+    apply_corrections,
+    rank_doubt,
+    relative_to_sibling,
+)
+from pipeline.quarantine import QUARANTINE_SCHEMA
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -476,34 +483,7 @@ def publish_version(state: RunState, root: str, version: str, summary: dict[str,
 
 
 # ---------------------------------------------------------------------------------- quarantine
-
-QUARANTINE_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
-                               ("reason", pa.string()), ("key", pa.string())])
-
-
-def write_quarantine(root: str, stage: str, records: list[dict[str, str]]) -> None:
-    """Quarantine rows (image_id, uri, reason, key) of ``stage`` as one atomic shard."""
-    if not records:
-        return
-    name = layout.part_name([r["image_id"] + "\0" + r["reason"] + "\0" + (r.get("key") or "") for r in records],
-                            prefix=stage)
-    rows = [{"image_id": r["image_id"], "uri": r["uri"], "stage": stage, "reason": r["reason"],
-             "key": r.get("key")} for r in records]
-    codecs.write_parquet(storage.join(layout.quarantine_dir(root), name),
-                         pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA))
-
-
-def quarantine_files(root: str, stage: str) -> list[str]:
-    """The quarantine shards ``stage`` wrote in this run root."""
-    return [u for u in storage.list_files(layout.quarantine_dir(root), ".parquet")
-            if u.rsplit("/", 1)[-1].startswith(f"{stage}-")]
-
-
-def quarantined(root: str, stage: str, columns: tuple[str, ...] = ("image_id", "uri", "key")) -> pa.Table:
-    """``columns`` of the quarantine rows ``stage`` wrote in this run root (a log: a row counts
-    while the image's key and uri are the ones it records)."""
-    return read_shards(quarantine_files(root, stage), list(columns))
-
+# Its files are pipeline.quarantine's; which rows a version lists is decided here.
 
 def version_quarantine(manifest_rejects: pa.Table, images: pa.Table, cams_failed: pa.Table, current: pa.Table,
                        synthesis_key: str, synthesis_failed: pa.Table) -> pa.Table:
@@ -518,12 +498,6 @@ def version_quarantine(manifest_rejects: pa.Table, images: pa.Table, cams_failed
     synthesis = join_rows(labels, synthesis_failed, ["image_id", "key", "uri"], "inner", extra=["stage", "reason"])
     parts = [t.select(columns).cast(QUARANTINE_SCHEMA) for t in (manifest_rejects, cams, synthesis)]
     return pa.concat_tables(parts).sort_by([("image_id", "ascending"), ("stage", "ascending")])
-
-
-def read_quarantine(labels_dir: str) -> pa.Table:
-    """The images of a version's manifest that it lacks, with the reason (``quarantine.parquet``)."""
-    uri = storage.join(labels_dir, "quarantine.parquet")
-    return codecs.read_parquet(uri) if storage.exists(uri) else QUARANTINE_SCHEMA.empty_table()
 
 
 # ----------------------------------------------------------------------------------------- plans
@@ -636,11 +610,5 @@ def version_index(reused: pa.Table, base: str | None, labelled: pa.Table, curren
         last = pa.table({"image_id": own.column("image_id"), "__row": pa.array(np.arange(own.num_rows))})
         own = own.take(last.group_by("image_id").aggregate([("__row", "max")]).column("__row_max"))
     table = pa.concat_tables([conform(reused, INDEX_SCHEMA), conform(own, INDEX_SCHEMA)])
-    table = apply_corrections(table, corrections if corrections is not None else CORRECTION_ROWS.empty_table())
-    human = pc.equal(table.column("source"), "human").to_numpy(zero_copy_only=False).astype(bool)
-    signals = np.stack([table.column(f"doubt_{name}").to_numpy(zero_copy_only=False).astype(np.float64)
-                        for name in doubt.SIGNALS], axis=1) if table.num_rows else np.zeros((0, len(doubt.SIGNALS)))
-    ranked = np.zeros(table.num_rows)  # a person's labels are not in doubt
-    ranked[~human] = doubt.version_doubt(signals[~human])
-    return table.set_column(table.schema.get_field_index("doubt"), "doubt",
-                            pa.array(ranked, pa.float32(), mask=np.isnan(ranked)))
+    return rank_doubt(apply_corrections(table, corrections if corrections is not None
+                                        else CORRECTION_ROWS.empty_table()))

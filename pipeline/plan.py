@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import label_tables, ledger
+from pipeline import label_tables, ledger, quarantine
 from pipeline.data.classes import Vocabulary
 from pipeline.io import codecs, layout, storage, tables
 
@@ -42,7 +42,7 @@ def probe_plan(root: str, manifest_dir: str, key: str) -> tuple[pa.Table, dict[s
     """Valid manifest rows (image_id, uri) whose image is still to be decoded (ledger.plan_probe)."""
     probed = tables.read_shards(storage.list_files(layout.probe_dir(root), ".parquet"), ["image_id", "uri", "key"])
     return ledger.plan_probe(_valid_rows(manifest_dir, ["image_id", "uri"]), probed,
-                             ledger.quarantined(root, "probe"), key)
+                             quarantine.quarantined(root, "probe"), key)
 
 
 def record_unreadable(root: str, manifest_dir: str, key: str, probed: pa.Table, *, shown: int = 10) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def record_unreadable(root: str, manifest_dir: str, key: str, probed: pa.Table, 
     :func:`unreadable_file`; returns their count and the first ``shown`` of those among ``probed``
     (image_id, uri: the images this run decoded) as (image_id, uri, reason) rows."""
     detail = ("image_id", "uri", "stage", "reason", "key")
-    rows = ledger.unreadable(_valid_rows(manifest_dir, ["image_id", "uri"]), ledger.quarantined(root, "probe", detail),
+    rows = ledger.unreadable(_valid_rows(manifest_dir, ["image_id", "uri"]), quarantine.quarantined(root, "probe", detail),
                              key)
     codecs.write_parquet(layout.unreadable_file(manifest_dir), rows)
     new = tables.join_rows(rows, probed.select(["image_id", "uri"]), ["image_id", "uri"], "left semi")
@@ -87,7 +87,7 @@ def cams_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str) -
     """Manifest rows whose CAM outputs are still to be made (ledger.plan_cams)."""
     images = _images(manifest_dir, classes, cams_key)
     pending, counts = ledger.plan_cams(images, _cam_rows(root).select(["image_id", "key"]),
-                                       ledger.quarantined(root, "cams"))
+                                       quarantine.quarantined(root, "cams"))
     return pending.select(["image_id", "uri", "class_ids", "cam_key"]), counts
 
 
@@ -187,7 +187,7 @@ def _synthesis_inputs(root: str, manifest_dir: str, classes: list[str], cams_key
                       base_dir: str | None, stage: str, ground_truth_only: bool):
     current = current_cams(root, manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
     base_index = label_tables.read_index(base_dir) if base_dir else label_tables.INDEX_SCHEMA.empty_table()
-    return current, base_index, label_tables.labelled_rows(labels_dir), ledger.quarantined(root, stage)
+    return current, base_index, label_tables.labelled_rows(labels_dir), quarantine.quarantined(root, stage)
 
 
 def synthesis_plan(root: str, manifest_dir: str, classes: list[str], cams_key: str, synthesis_key: str,
@@ -223,10 +223,10 @@ def build_index(root: str, manifest_dir: str, classes: list[str], cams_key: str,
     codecs.write_parquet(layout.index_file(labels_dir), index)
     detail = ("image_id", "uri", "key", "stage", "reason")
     rejects = (rejected_rows(root, manifest_dir) if not ground_truth_only
-               else ledger.QUARANTINE_SCHEMA.empty_table())
+               else quarantine.QUARANTINE_SCHEMA.empty_table())
     images = _images(manifest_dir, classes, cams_key, ground_truth_only=ground_truth_only)
-    missing = ledger.version_quarantine(rejects, images, ledger.quarantined(root, "cams", detail), current,
-                                        synthesis_key, ledger.quarantined(root, stage, detail))
+    missing = ledger.version_quarantine(rejects, images, quarantine.quarantined(root, "cams", detail), current,
+                                        synthesis_key, quarantine.quarantined(root, stage, detail))
     if index.num_rows:  # a corrected image whose CAMs or labels failed is in the version
         human = index.filter(pc.equal(index.column("source"), "human")).select(["image_id"])
         failed = pc.is_in(missing.column("stage"), pa.array(["cams", stage]))
@@ -240,7 +240,7 @@ def build_index(root: str, manifest_dir: str, classes: list[str], cams_key: str,
 def manifest_rejects(root: str) -> pa.Table:
     """The rows the manifest stage of the latest run rejected (quarantine/manifest.parquet)."""
     uri = storage.join(layout.quarantine_dir(root), "manifest.parquet")
-    return codecs.read_parquet(uri) if storage.exists(uri) else ledger.QUARANTINE_SCHEMA.empty_table()
+    return codecs.read_parquet(uri) if storage.exists(uri) else quarantine.QUARANTINE_SCHEMA.empty_table()
 
 
 def rejected_rows(root: str, manifest_dir: str) -> pa.Table:
@@ -249,7 +249,7 @@ def rejected_rows(root: str, manifest_dir: str) -> pa.Table:
     parts = [manifest_rejects(root)]
     if storage.exists(layout.unreadable_file(manifest_dir)):
         parts.append(codecs.read_parquet(layout.unreadable_file(manifest_dir)))
-    return pa.concat_tables([t.select(ledger.QUARANTINE_SCHEMA.names).cast(ledger.QUARANTINE_SCHEMA) for t in parts])
+    return pa.concat_tables([t.select(quarantine.QUARANTINE_SCHEMA.names).cast(quarantine.QUARANTINE_SCHEMA) for t in parts])
 
 
 def index_summary(index: pa.Table, classes: list[str]) -> dict[str, Any]:

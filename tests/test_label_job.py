@@ -22,7 +22,7 @@ from hostile import BROKEN, CLASSES, CMYK, CONVERTED, GOOD, unsafe_ids
 from PIL import Image
 
 from jobs import label
-from pipeline import label_tables, ledger
+from pipeline import label_tables, quarantine
 from pipeline.algorithms import synthesis as algo
 from pipeline.data.images import decode_image
 from pipeline.data.synthetic import write_synthetic_set
@@ -94,7 +94,7 @@ def test_hostile_inputs_are_quarantined_with_reasons(labelled):
         assert len(matches) == 1, (image_id, stage, words, [r for r in rows if r["image_id"] == image_id])
     assert len(rows) == len(expected)
     # The published version says the same of the images it lacks.
-    missing = ledger.read_quarantine(_labels_dir(labelled["root"])).to_pylist()
+    missing = quarantine.read_quarantine(_labels_dir(labelled["root"])).to_pylist()
     assert sorted((r["image_id"], r["stage"]) for r in missing) == sorted((i, st) for i, st, _ in expected)
     # No good image is quarantined: the one row naming a good id is the duplicate, which lost.
     named_good = [r for r in rows if r["image_id"] in _valid_ids(labelled)]
@@ -274,8 +274,8 @@ def test_rerun_does_no_work_and_grown_manifest_labels_only_new_images(labelled):
     assert _tree(layout.labels_dir(root, old_version)) == old_files
     # The fixed reference is no longer reported as failed: the version's quarantine lists only the
     # images of this manifest that it lacks, with their current reasons.
-    assert ledger.read_quarantine(new_dir).num_rows == 0
-    assert "broken-missing" in ledger.read_quarantine(layout.labels_dir(root, old_version)).column("image_id").to_pylist()
+    assert quarantine.read_quarantine(new_dir).num_rows == 0
+    assert "broken-missing" in quarantine.read_quarantine(layout.labels_dir(root, old_version)).column("image_id").to_pylist()
     with Image.open(os.path.join(new_dir, "semantic", "syn-000011.png")) as image:
         assert image.mode == "P"
 
@@ -409,7 +409,7 @@ def test_cams_from_another_source_replace_the_cam_network(labelled, tmp_path):
     state = label.main(args + ["--only", "train_cam", "--only", "cams", "--only", "synthesis", "--only", "publish"])
     assert state["stages"]["train_cam"]["counts"]["reason"] == "cams.source gives the CAMs"
     assert state["stages"]["cams"]["counts"]["done"] == 3 and state["stages"]["cams"]["counts"]["quarantined"] == 3
-    reasons = {r["image_id"]: r["reason"] for r in ledger.quarantined(root, "cams", ("image_id", "reason")).to_pylist()}
+    reasons = {r["image_id"]: r["reason"] for r in quarantine.quarantined(root, "cams", ("image_id", "reason")).to_pylist()}
     assert "no source CAM file syn-000001.npz" in reasons["syn-000001"]
     assert "NaN" in reasons["syn-000002"] and "not in 1..3" in reasons["syn-000003"]
     for row in _cam_rows(root).values():

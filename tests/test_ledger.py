@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline import label_tables, ledger
+from pipeline import label_tables, ledger, quarantine
 from pipeline.io import codecs, layout, storage, tables
 
 
@@ -82,9 +82,9 @@ def test_unreadable_images_are_those_failed_at_their_current_uri_and_key():
         {"image_id": "a", "uri": "a.png", "stage": "probe", "reason": "too large", "key": "small"},  # old limit
         {"image_id": "c", "uri": "c.png", "stage": "probe", "reason": "truncated", "key": "K"},  # a retried batch
         {"image_id": "gone", "uri": "gone.png", "stage": "probe", "reason": "empty file", "key": "K"},
-    ], schema=ledger.QUARANTINE_SCHEMA)
+    ], schema=quarantine.QUARANTINE_SCHEMA)
     rows = ledger.unreadable(images, failed, "K")
-    assert rows.schema == ledger.QUARANTINE_SCHEMA
+    assert rows.schema == quarantine.QUARANTINE_SCHEMA
     assert rows.select(["image_id", "reason"]).to_pylist() == [{"image_id": "c", "reason": "truncated"}]
 
 
@@ -175,11 +175,11 @@ def test_claiming_stage_outputs_for_a_new_key_discards_the_old(tmp_path):
 
 def test_quarantine_rows_carry_their_key(tmp_path):
     root = str(tmp_path)
-    ledger.write_quarantine(root, "cams", [{"image_id": "a", "uri": "a.png", "reason": "broken", "key": "k"}])
-    ledger.write_quarantine(root, "synthesis", [{"image_id": "b", "uri": "b.png", "reason": "failed", "key": "j"}])
-    assert ledger.quarantined(root, "cams").to_pylist() == [{"image_id": "a", "uri": "a.png", "key": "k"}]
-    assert ledger.quarantined(root, "nothing").num_rows == 0
-    assert [u.rsplit("/", 1)[-1].split("-")[0] for u in ledger.quarantine_files(root, "synthesis")] == ["synthesis"]
+    quarantine.write_quarantine(root, "cams", [{"image_id": "a", "uri": "a.png", "reason": "broken", "key": "k"}])
+    quarantine.write_quarantine(root, "synthesis", [{"image_id": "b", "uri": "b.png", "reason": "failed", "key": "j"}])
+    assert quarantine.quarantined(root, "cams").to_pylist() == [{"image_id": "a", "uri": "a.png", "key": "k"}]
+    assert quarantine.quarantined(root, "nothing").num_rows == 0
+    assert [u.rsplit("/", 1)[-1].split("-")[0] for u in quarantine.quarantine_files(root, "synthesis")] == ["synthesis"]
 
 
 def test_retain_keeps_what_kept_versions_reference(tmp_path, ray_session):

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline import ledger, plan
+from pipeline import plan, quarantine
 from pipeline.io import codecs, layout, storage
 from pipeline.stages import probe
 
@@ -42,7 +42,7 @@ def test_undecodable_images_are_quarantined_once_and_no_stage_reads_them(tmp_pat
     assert statuses == ["decoded", "quarantined", "quarantined", "quarantined"]
     found = plan.record_unreadable(root, manifest_dir, "K", pending, shown=2)
     assert found["unreadable"] == found["new"] == 3 and len(found["shown"]) == 2
-    reasons = {r["image_id"]: r["reason"] for r in ledger.quarantined(root, "probe", ("image_id", "reason")).to_pylist()}
+    reasons = {r["image_id"]: r["reason"] for r in quarantine.quarantined(root, "probe", ("image_id", "reason")).to_pylist()}
     assert reasons == {"truncated": "truncated or corrupt image data (image file is truncated)",
                        "text": "not a recognised image format", "missing": "image file not found"}
     # Every stage reads the manifest through read_manifest: CAM training rows hold the good image only.

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import ledger, plan, tasks
+from pipeline import ledger, plan, quarantine, tasks
 from pipeline.algorithms.cams import make_cams
 from pipeline.algorithms.relations import mine_relations
 from pipeline.config import Config
@@ -193,7 +193,7 @@ def write_shard(batch: dict[str, np.ndarray], *, root: str, keep_high_res: bool)
     ok = [i for i, e in enumerate(batch["error"]) if not e]
     failed = [{"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "reason": str(batch["error"][i]),
                "key": str(batch["cam_key"][i])} for i, e in enumerate(batch["error"]) if e]
-    ledger.write_quarantine(root, STAGE, failed)
+    quarantine.write_quarantine(root, STAGE, failed)
     if ok:
         ok.sort(key=lambda i: str(batch["image_id"][i]))
         ids = [str(batch["image_id"][i]) for i in ok]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import ledger, tasks
+from pipeline import tasks
 from pipeline.config import Config
 from pipeline.data.manifest import (
     MANIFEST_SCHEMA,
@@ -27,6 +27,7 @@ from pipeline.data.manifest import (
 )
 from pipeline.io import codecs, layout, storage, tables
 from pipeline.progress import StageProgress
+from pipeline.quarantine import QUARANTINE_SCHEMA
 
 CHECKED_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [pa.field("row", pa.int64()), pa.field("error", pa.string())])
 VALID_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [pa.field("row", pa.int64()), pa.field("held_out", pa.bool_())])
@@ -139,7 +140,7 @@ def finish_manifest(out_dir: str, quarantine_uri: str, classes: list[str], held_
     quarantine.sort(key=lambda r: r["reason"])
     if quarantine:
         table = pa.Table.from_pylist([{**r, "stage": "manifest", "key": None} for r in quarantine],
-                                     schema=ledger.QUARANTINE_SCHEMA)
+                                     schema=QUARANTINE_SCHEMA)
         codecs.write_parquet(quarantine_uri, table)
     else:
         storage.remove(quarantine_uri)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import ledger, plan, tasks
+from pipeline import ledger, plan, quarantine, tasks
 from pipeline.config import Config
 from pipeline.data.images import ImageDecodeError, read_inputs
 from pipeline.io import codecs, layout, storage
@@ -31,7 +31,7 @@ STAGE = "probe"
 
 def probe_outputs(root: str) -> list[str]:
     """Everything the probe wrote in ``root``: what a forced probe or a new key discards."""
-    return [layout.probe_dir(root), *ledger.quarantine_files(root, STAGE)]
+    return [layout.probe_dir(root), *quarantine.quarantine_files(root, STAGE)]
 
 
 def probe_batch(batch: pa.Table, *, root: str, key: str, max_pixels: int) -> dict[str, np.ndarray]:
@@ -52,7 +52,7 @@ def probe_batch(batch: pa.Table, *, root: str, key: str, max_pixels: int) -> dic
         except Exception as err:  # noqa: BLE001 - not the image's fault: try again next run
             log.warning("probe: could not read %s (%s: %s); it is probed again next run", uri, type(err).__name__, err)
             statuses.append("unread")
-    ledger.write_quarantine(root, STAGE, failed)
+    quarantine.write_quarantine(root, STAGE, failed)
     if decoded:
         name = layout.part_name([f"{r['image_id']}\0{r['uri']}\0{key}" for r in decoded])
         codecs.write_parquet(storage.join(layout.probe_dir(root), name),

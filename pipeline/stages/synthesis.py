@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline import label_tables, ledger, plan, tasks
+from pipeline import label_tables, ledger, plan, quarantine, tasks
 from pipeline.algorithms import doubt
 from pipeline.algorithms import synthesis as algo
 from pipeline.config import Config, SynthesisConfig
@@ -235,7 +235,7 @@ def commit_shard(batch: dict[str, np.ndarray], *, root: str, labels_dir: str, st
         images.append(image)
         instances += rows
         statuses.append("done")
-    ledger.write_quarantine(root, stage, failed)
+    quarantine.write_quarantine(root, stage, failed)
     label_tables.commit_labels(labels_dir, images, instances, coco.coco_part(instances))
     return tasks.status_batch(statuses)
 
